@@ -41,8 +41,8 @@ class BayesPFLConfig:
     constrained_flow: bool = True  # u-hat reparameterisation for invertibility (paper/Rezende) | raw u
     iad_share_flow: bool = True  # normal/abnormal IAD share mu/sigma net AND flow (paper) | only mu/sigma
     iad_sample_once: bool = False  # released: IAD samples drawn once per test run and reused
-    use_isd: bool = True  # Table 2 ablation "w/o ISD" when False
-    use_iad: bool = True  # Table 2 ablation "w/o IAD" when False
+    context_distribution: str = "isd"  # "isd" (paper) | "iad" (Fig. 5 IAD-IAD) | "none" (Table 2 w/o ISD)
+    state_distribution: str = "iad"  # "iad" (paper) | "isd" (Fig. 5 ISD-ISD) | "none" (Table 2 w/o IAD)
 
     # ----- x_patch (Section 3.5) -----
     x_patch_pool: str = "gap"  # "gap" + one Linear (paper) | "attention" (released Global_Feature)
@@ -143,6 +143,7 @@ class BayesPFLConfig:
             "ort_reduction": {"sum", "mean_with_diagonal"}, "loss_pairs": {"all", "one"},
             "seg_layer_reduction": {"sum", "mean"}, "precision": {"fp32", "bf16", "fp16"},
             "selection": {"last", "aux-val", "released-target"},
+            "context_distribution": {"isd", "iad", "none"}, "state_distribution": {"iad", "isd", "none"},
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

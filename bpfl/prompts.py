@@ -1,0 +1,138 @@
+"""Two-class prompt banks (paper §3.2, Eq. 1-2) and prompt fusion with flow samples (§3.3, Eq. 8-9).
+
+A prompt of bank b for state s in {normal, abnormal} is the token sequence
+
+    [SOT][E_b,1 + phi^e_r] ... [E_b,P + phi^e_r][S^s_b,1 + phi^s_r] ... [S^s_b,Q + phi^s_r][class words][EOT]
+
+The context vectors E are shared by both banks; S^n and S^a are the learnable state vectors. The class words
+come from tokenising ``"X " + class name``: the placeholder X (position 1) is replaced by the P + Q learned
+vectors, exactly where the released code splices them. All 2·B·R prompts of all N images of a batch are
+encoded in **one** batched text-transformer pass, truncated after the last EOT (see
+:meth:`bpfl.backbone.ClipBackbone.encode_token_embeddings`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import ClipBackbone
+
+#: Category folder name -> class words used in the prompts (the released code's remap, VPB.py:8-18).
+CLASS_NAME_REMAP = {
+    "macaroni1": "macaroni", "macaroni2": "macaroni",
+    "pcb1": "printed circuit board", "pcb2": "printed circuit board",
+    "pcb3": "printed circuit board", "pcb4": "printed circuit board",
+    "pipe_fryum": "pipe fryum", "chewinggum": "chewing gum", "metal_nut": "metal nut",
+}
+
+
+def prompt_class_name(category: str) -> str:
+    """The words a category contributes to its prompts: the remap above, underscores to spaces, lowercase."""
+    name = CLASS_NAME_REMAP.get(category, CLASS_NAME_REMAP.get(category.lower(), category))
+    return name.replace("_", " ").strip().lower()
+
+
+class PromptBanks(nn.Module):
+    """Learnable normal/abnormal prompt banks, Eq. 1-2.
+
+    ``context`` E: [B, P, D] shared by both banks; ``state_normal`` S^n and ``state_abnormal`` S^a: [B, Q, D].
+    D is the text width. Initialised trunc-normal with std 0.02; the states at mean +m / -m
+    (``state_init_mean``; the released code uses m = 0.5, the paper does not say, the kit's default is 0).
+    """
+
+    def __init__(self, n_prompts: int, n_context: int, n_state: int, width: int,
+                 init_std: float = 0.02, state_init_mean: float = 0.0):
+        super().__init__()
+        self.context = nn.Parameter(torch.empty(n_prompts, n_context, width))
+        self.state_normal = nn.Parameter(torch.empty(n_prompts, n_state, width))
+        self.state_abnormal = nn.Parameter(torch.empty(n_prompts, n_state, width))
+        nn.init.trunc_normal_(self.context, std=init_std)
+        nn.init.trunc_normal_(self.state_normal, mean=state_init_mean, std=init_std)
+        nn.init.trunc_normal_(self.state_abnormal, mean=-state_init_mean, std=init_std)
+
+    @property
+    def n_prompts(self) -> int:
+        return self.context.shape[0]
+
+    @property
+    def n_context(self) -> int:
+        return self.context.shape[1]
+
+    @property
+    def n_state(self) -> int:
+        return self.state_normal.shape[1]
+
+    def fuse(self, phi_context: torch.Tensor | None, phi_normal: torch.Tensor | None,
+             phi_abnormal: torch.Tensor | None) -> torch.Tensor:
+        """Eq. 8-9: add flow samples to every context / state token of every prompt.
+
+        ``phi_*``: [R, N, D] (or None for a missing distribution: no shift). Returns the learned part of all
+        prompts, [N, 2, R, B, P + Q, D] with index 0 = normal bank, 1 = abnormal bank.
+        """
+        B, P, D = self.context.shape
+        ref = next(p for p in (phi_context, phi_normal, phi_abnormal) if p is not None) \
+            if any(p is not None for p in (phi_context, phi_normal, phi_abnormal)) else None
+        R, N = (ref.shape[0], ref.shape[1]) if ref is not None else (1, 1)
+
+        def shift(phi):  # [R, N, D] -> [N, R, 1, 1, D]
+            if phi is None:
+                return torch.zeros(1, 1, 1, 1, D, dtype=self.context.dtype, device=self.context.device)
+            return phi.permute(1, 0, 2)[:, :, None, None, :]
+
+        ctx = self.context[None, None] + shift(phi_context)  # [N, R, B, P, D]
+        s_n = self.state_normal[None, None] + shift(phi_normal)  # [N, R, B, Q, D]
+        s_a = self.state_abnormal[None, None] + shift(phi_abnormal)
+        ctx = ctx.expand(N, R, B, P, D)
+        normal = torch.cat([ctx, s_n.expand(N, R, B, -1, D)], dim=3)
+        abnormal = torch.cat([ctx, s_a.expand(N, R, B, -1, D)], dim=3)
+        return torch.stack([normal, abnormal], dim=1)
+
+
+@dataclass
+class ClassTokens:
+    """Token embeddings of ``"X " + class name`` per image, with the X removed.
+
+    ``sot``: [N, 1, D]; ``rest``: [N, L - 2, D] (class words, EOT, padding); ``eot``: [N] EOT index in the
+    original 77-token sequence.
+    """
+
+    sot: torch.Tensor
+    rest: torch.Tensor
+    eot: torch.Tensor
+
+
+def class_tokens(backbone: ClipBackbone, class_names: Sequence[str]) -> ClassTokens:
+    """Tokenise each image's class words once (unique names only) and embed them."""
+    words = [prompt_class_name(c) for c in class_names]
+    unique = sorted(set(words))
+    ids = backbone.tokenize(["X " + w for w in unique])
+    with torch.no_grad():
+        emb = backbone.embed_tokens(ids)
+    eot = backbone.eot_positions(ids)
+    index = torch.tensor([unique.index(w) for w in words], device=emb.device)
+    return ClassTokens(sot=emb[index, :1], rest=emb[index, 2:], eot=eot[index])
+
+
+def encode_prompts(backbone: ClipBackbone, learned: torch.Tensor, tokens: ClassTokens,
+                   truncate: bool = True) -> torch.Tensor:
+    """Encode every prompt of a batch in one text pass.
+
+    ``learned``: [N, 2, R, B, P+Q, D] from :meth:`PromptBanks.fuse`; ``tokens`` from :func:`class_tokens`.
+    Returns L2-normalised text embeddings [N, 2, R, B, C].
+    """
+    N, S, R, B, M, D = learned.shape
+    n = N * S * R * B
+    length = backbone.context_length
+    seq_learned = learned.reshape(n, M, D)
+    expand = lambda t: t[:, None].expand(N, S * R * B, *t.shape[1:]).reshape(n, *t.shape[1:])  # noqa: E731
+    seq = torch.cat([expand(tokens.sot).to(seq_learned.dtype), seq_learned,
+                     expand(tokens.rest).to(seq_learned.dtype)], dim=1)[:, :length]
+    eot = (tokens.eot + M - 1)[:, None].expand(N, S * R * B).reshape(n)
+    if int(eot.max()) >= length:
+        raise ValueError(f"class name too long: with {M} learned tokens the prompt exceeds {length} tokens")
+    feats = backbone.encode_token_embeddings(seq, eot, truncate=truncate)
+    return F.normalize(feats, dim=-1).reshape(N, S, R, B, -1)
