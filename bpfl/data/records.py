@@ -105,6 +105,14 @@ class ProblemLog:
         if self.problems and not self.skip_bad:
             raise DatasetError(format_problems(self.problems, self.root, self.what, hint=True),
                                self.problems)
+        if not records:
+            msg = f"no usable images found in {self.root}"
+            if self.problems:
+                msg += " (every item was left out):\n" + format_problems(self.problems, self.root,
+                                                                        self.what, hint=False)
+            else:
+                msg += "; check the root folder, the split and the categories"
+            raise DatasetError(msg, self.problems or [(self.root, "no images")])
         if self.problems and not quiet:
             counts = ", ".join(f"{n} {k}" for k, n in self.skipped.items())
             first = "; ".join(f"{p}: {m}" for p, m in self.problems[:3])
