@@ -10,6 +10,9 @@ and the density of the result follows from the change of variables (Eq. 6)
 
     log q_K(z_K) = log q0(z0) − Σ_k log |1 + u_kᵀ ψ_k(z_{k−1})|,   ψ(z) = (1 − tanh²(wᵀz + b)) · w.
 
+(The paper writes ψ(Φ_k); the k-th log-det is evaluated at the step's input z_{k−1}, as in Rezende &
+Mohamed and in the released code.)
+
 Two distributions are built this way (§3.3):
 
 * the **image-specific distribution** (ISD) for the context vectors, with ξ = the global image feature;
@@ -20,19 +23,16 @@ What the kit does by default (the paper, plus Rezende & Mohamed's invertibility 
 authors' released code differs (each a constructor switch here, and a field of
 :class:`bpfl.config.BayesPFLConfig`):
 
-============================  ===========================================  ====================================
-aspect                        default (paper)                              released code (commit 8f155a0)
-============================  ===========================================  ====================================
-invertibility of each step    û = u + [m(wᵀu) − wᵀu]·w/‖w‖², m = −1+softplus  raw u (``constrained=False``)
-log|det| of a step            log(h² + (1 − h²)·softplus(wᵀu)) (exact,        log(|1 + uᵀψ| + 1e-5)
-                              = log|1 + ûᵀψ|)
-flow parameters u, w, b       free parameters, [K, C], [K, C], [K]          ISD: Linear(x_cls) per image
-                                                                            (``amortized=True``)
-IAD normal vs abnormal        share encoder **and** flow, differ only in ξ  share encoder only
-                              (pass ``encoder=`` and ``flow=``)             (pass ``encoder=`` only)
-log σ² head                   the MLP output is log σ²                      the MLP output is h = 2·log σ²
-                                                                            (``log_var_scale=0.5``)
-============================  ===========================================  ====================================
+* **invertibility** — default: û = u + [m(wᵀu) − wᵀu]·w/‖w‖² with m(x) = −1 + softplus(x) (Rezende &
+  Mohamed's condition, as in pyro/normflows); released: raw u (``constrained=False``).
+* **log|det| of a step** — default: the exact log|1 + ûᵀψ|, evaluated as log(h² + (1 − h²)·softplus(wᵀu));
+  released: log(|1 + uᵀψ| + 1e-5).
+* **flow parameters u, w, b** — default: free parameters ``[K, C], [K, C], [K]`` (the paper's wording);
+  released ISD: per-image Linear(x_cls) (``amortized=True``).
+* **IAD normal vs abnormal** — default: share encoder *and* flow, differ only in ξ (pass ``encoder=`` and
+  ``flow=``); released: share the encoder only (pass ``encoder=``).
+* **log σ² head** — default: the MLP output is log σ²; released: the output is h with log σ² = 0.5·h
+  (``log_var_scale=0.5``).
 
 Everything is batched and device/dtype agnostic: ``z`` may have any leading shape ``[..., C]``; the
 prompt-flow convention is ``[R, N, C]`` (R Monte-Carlo samples of N items).
@@ -70,17 +70,15 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # ------------------------------------------------------------------------------------------------------
 # one planar step
 # ------------------------------------------------------------------------------------------------------
-def _sq_norm(w: Tensor) -> Tensor:
-    # ‖w‖², clamped away from 0 so that w = 0 gives û = u (the correction term is 0·w/tiny = 0) not NaN.
-    return (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-
-
 def _constrain(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """û and 1 + wᵀû (= softplus(wᵀu), computed without the cancellation of −1 + softplus + 1)."""
     wtu = (w * u).sum(-1, keepdim=True)
     sp = F.softplus(wtu)
-    u_hat = u + ((sp - 1.0) - wtu) * w / _sq_norm(w)
-    return u_hat, sp.squeeze(-1)
+    sq = (w * w).sum(-1, keepdim=True)
+    # w = 0: the correction is 0·w/tiny = 0 (û = u, no NaN), and 1 + wᵀû = 1 (the step is a translation).
+    u_hat = u + ((sp - 1.0) - wtu) * w / sq.clamp_min(torch.finfo(w.dtype).tiny)
+    one_plus = torch.where(sq > 0, sp, torch.ones_like(sp))
+    return u_hat, one_plus.squeeze(-1)
 
 
 def constrain_u(u: Tensor, w: Tensor) -> Tensor:
@@ -132,13 +130,45 @@ def planar_step(z: Tensor, u: Tensor, w: Tensor, b: Tensor | float, constrained:
     return z_new, log_det
 
 
+def _solve_monotone(y: Tensor, c: Tensor, b: Tensor, max_iter: int) -> Tensor:
+    """Root α of f(α) = α + c·tanh(α + b) − y for c ≥ −1 (f non-decreasing), elementwise, no grad.
+
+    Safeguarded Newton: keep a bracket [lo, hi] with f(lo) ≤ 0 ≤ f(hi); take the Newton step when it lands
+    inside the bracket and at most halves the previous step, else bisect. Stops when every step is a few
+    ulps.
+    """
+    lo, hi = y - c.abs(), y + c.abs()
+    alpha = (y - c * torch.tanh(y + b)).clamp(lo, hi)  # one fixed-point step: a good start
+    step_old = hi - lo
+    tol = 4.0 * torch.finfo(y.dtype).eps
+    done = torch.zeros_like(y, dtype=torch.bool)
+    for _ in range(max_iter):
+        t = torch.tanh(alpha + b)
+        f = alpha + c * t - y
+        fprime = 1.0 + c * (1.0 - t * t)
+        neg = f < 0
+        lo = torch.where(neg, alpha, lo)
+        hi = torch.where(neg, hi, alpha)
+        newton = alpha - f / fprime  # fprime = 0 only at c = −1, t = 0: inf/nan, caught below
+        use_newton = (newton >= lo) & (newton <= hi) & (2.0 * (newton - alpha).abs() <= step_old)
+        new = torch.where(use_newton, newton, 0.5 * (lo + hi))
+        new = torch.where(done, alpha, new)  # converged entries stay put while others iterate
+        step_old = (new - alpha).abs()
+        alpha = new
+        done = done | (step_old <= tol * (alpha.abs() + 1.0))
+        if bool(done.all()):
+            break
+    return alpha
+
+
 def planar_inverse_step(z_new: Tensor, u: Tensor, w: Tensor, b: Tensor | float, constrained: bool = True,
-                        n_bisect: int = 100) -> Tensor:
+                        max_iter: int = 200) -> Tensor:
     """Invert one planar step numerically, batched over ``z_new [..., C]``.
 
     With c = wᵀû and α = wᵀz, the forward map gives wᵀz' = α + c·tanh(α + b). For c > −1 the right-hand
     side is strictly increasing in α, and |c·tanh| ≤ |c| brackets the root in [wᵀz' − |c|, wᵀz' + |c|],
-    so plain bisection (vectorised, fixed ``n_bisect`` halvings) finds α to machine precision; then
+    so a bracketed Newton iteration (vectorised; a bisection step wherever Newton would leave the bracket
+    or fails to halve the step; at most ``max_iter`` steps) finds α to machine precision; then
     z = z' − û·tanh(α + b). Gradients with respect to ``z_new`` and the parameters are those of the true
     inverse (implicit-function theorem: one Newton step whose value is detached).
 
@@ -158,14 +188,7 @@ def planar_inverse_step(z_new: Tensor, u: Tensor, w: Tensor, b: Tensor | float, 
     shape = torch.broadcast_shapes(y.shape, c.shape, b_t.shape)
     with torch.no_grad():
         yd, cd, bd = (t.detach().expand(shape) for t in (y, c, b_t))
-        lo = yd - cd.abs()
-        hi = yd + cd.abs()
-        for _ in range(n_bisect):
-            mid = 0.5 * (lo + hi)
-            below = (mid + cd * torch.tanh(mid + bd) - yd) < 0
-            lo = torch.where(below, mid, lo)
-            hi = torch.where(below, hi, mid)
-        alpha0 = 0.5 * (lo + hi)
+        alpha0 = _solve_monotone(yd, cd, bd, max_iter)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, c, b_t)):
         # value stays alpha0; d(alpha)/d(theta) = -(∂f/∂theta) / f'(alpha)  (implicit function theorem)
         t0 = torch.tanh(alpha0 + b_t)
@@ -364,7 +387,9 @@ class GaussianEncoder(nn.Module):
             head as log σ². The released head outputs h with var = exp(0.5·h), i.e. log σ² = 0.5·h: use
             0.5 with released weights.
 
-    Init: Linear weights N(0, 0.02), zero bias (released ``_initialize_weights``), so μ ≈ 0, σ ≈ 1.
+    Init: Linear weights N(0, 0.02), zero bias (released ``_initialize_weights``), so q0 starts near
+    N(0, I): for a unit-scale 768-d ξ and hidden 512, μ and log σ² come out with entries of size ≈ 0.3
+    (not exactly 0: the Softplus outputs have a positive mean that the next layer sums).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int | None = None,
@@ -421,7 +446,8 @@ class PromptFlow(nn.Module):
     Args:
         dim: C, the width of the sampled vectors. in_dim: width of ξ (default C). hidden_dim: encoder MLP
             width (default ``in_dim``; released: vision_width // 2).
-        n_flows: K. amortized / cond_dim / constrained / init / init_std: see :class:`PlanarFlowStack`.
+        n_flows: K. amortized / cond_dim / constrained / init / init_std: see :class:`PlanarFlowStack`
+            (``cond_dim`` defaults to ``in_dim``: the context defaults to ξ).
         log_var_scale: see :class:`GaussianEncoder`.
         encoder, flow: existing modules to share (then the corresponding arguments above are ignored).
     """
@@ -432,6 +458,7 @@ class PromptFlow(nn.Module):
                  encoder: GaussianEncoder | None = None, flow: PlanarFlowStack | None = None):
         super().__init__()
         in_dim = dim if in_dim is None else in_dim
+        cond_dim = in_dim if cond_dim is None else cond_dim  # the context defaults to ξ itself
         self.encoder = encoder if encoder is not None else GaussianEncoder(in_dim, hidden_dim, dim, log_var_scale)
         self.flow = flow if flow is not None else PlanarFlowStack(dim, n_flows, amortized, cond_dim, constrained,
                                                                   init, init_std)
