@@ -86,8 +86,13 @@ def build_config(args) -> "BayesPFLConfig":
         changes["test_samples"] = args.samples
     if getattr(args, "precision", None):
         changes["precision"] = args.precision
+    if getattr(args, "prompt_design", None):
+        changes["prompt_design"] = args.prompt_design
     changes.update(parse_overrides(getattr(args, "set", None)))
     cfg = dataclasses.replace(base, **changes)
+    if getattr(args, "ablation", None):
+        from .config import with_ablations
+        cfg = with_ablations(cfg, args.ablation)
     if "layers" not in changes and cfg.backbone != "ViT-L-14-336":
         from .backbone import default_layers
         cfg = cfg.replace(layers=default_layers(cfg.backbone))
@@ -357,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt-design", default=None, choices=["bayes-pfl", "winclip", "aprilgan+", "anomalyclip+"])
+    p.add_argument("--ablation", nargs="*", default=None, help="Table 2 / Figure 5 ablations: " + ", ".join(
+        ["no-isd", "no-iad", "no-isd-iad", "no-rca", "no-ort", "no-x-cls", "no-x-patch", "no-s-text", "no-s-img",
+         "isd-isd", "iad-iad"]))
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--max-steps", type=int, default=None)

@@ -24,6 +24,9 @@ class BayesPFLConfig:
     layers: tuple[int, ...] = (6, 12, 18, 24)
     quick_gelu: bool | None = None  # None: what the weights were trained with (QuickGELU for OpenAI)
 
+    # ----- prompt design (Figure 4 compares designs in the same pipeline) -----
+    prompt_design: str = "bayes-pfl"  # "bayes-pfl" | "winclip" | "aprilgan+" | "anomalyclip+" (bpfl.prompt_designs)
+
     # ----- prompt banks (Section 3.2) -----
     n_prompts: int = 3  # B
     n_context: int = 5  # P
@@ -144,6 +147,7 @@ class BayesPFLConfig:
             "seg_layer_reduction": {"sum", "mean"}, "precision": {"fp32", "bf16", "fp16"},
             "selection": {"last", "aux-val", "released-target"},
             "context_distribution": {"isd", "iad", "none"}, "state_distribution": {"iad", "isd", "none"},
+            "prompt_design": {"bayes-pfl", "winclip", "aprilgan+", "anomalyclip+"},
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -183,6 +187,32 @@ SWITCHES: dict[str, tuple[Any, Any, str]] = {
     "adam_betas": ((0.9, 0.999), (0.5, 0.999), "Adam betas"),
     "cosine_schedule": (False, True, "constant lr vs cosine schedule with 10 % warm-up"),
 }
+
+
+#: Table 2 and Figure 5 ablations by name (``bpfl train --ablation NAME``, ``config.with_ablation(NAME)``).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no-isd": {"context_distribution": "none"},
+    "no-iad": {"state_distribution": "none"},
+    "no-isd-iad": {"context_distribution": "none", "state_distribution": "none"},
+    "no-rca": {"use_rca": False},
+    "no-ort": {"use_ort": False},
+    "no-x-cls": {"use_x_cls": False},
+    "no-x-patch": {"use_x_patch": False},
+    "no-s-text": {"use_s_text": False},
+    "no-s-img": {"use_s_img": False},
+    "isd-isd": {"context_distribution": "isd", "state_distribution": "isd"},
+    "iad-iad": {"context_distribution": "iad", "state_distribution": "iad"},
+}
+
+
+def with_ablations(config: BayesPFLConfig, names: list[str] | tuple[str, ...]) -> BayesPFLConfig:
+    """Apply named ablations (see :data:`ABLATIONS`)."""
+    changes: dict[str, Any] = {}
+    for name in names:
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown ablation {name!r}; choose from {sorted(ABLATIONS)}")
+        changes.update(ABLATIONS[name])
+    return config.replace(**changes)
 
 
 def switches_markdown() -> str:

@@ -86,8 +86,9 @@ class BayesPFL(nn.Module):
         self.backbone = backbone
         C, D, V = backbone.embed_dim, backbone.text_width, backbone.vision_width
         n_layers = len(backbone.layers)
-        self.prompts = PromptBanks(cfg.n_prompts, cfg.n_context, cfg.n_state, D, cfg.prompt_init_std,
-                                   cfg.state_init_mean)
+        bayes = cfg.prompt_design == "bayes-pfl"  # other designs bring their own prompts, no flows
+        self.prompts = (PromptBanks(cfg.n_prompts, cfg.n_context, cfg.n_state, D, cfg.prompt_init_std,
+                                    cfg.state_init_mean) if bayes else None)
         # §3.1: one linear layer per patch layer into the joint space (no bias, as released)
         self.patch_projections = nn.ModuleList([nn.Linear(V, C, bias=False) for _ in range(n_layers)])
         # §3.5: x_patch
@@ -100,14 +101,18 @@ class BayesPFL(nn.Module):
         flow_kw = dict(hidden_dim=hidden, n_flows=cfg.flow_length, constrained=cfg.constrained_flow)
         self.context_flow = None
         self.context_xi = None
-        if cfg.context_distribution == "isd":
+        if not bayes:
+            pass
+        elif cfg.context_distribution == "isd":
             self.context_flow = PromptFlow(D, in_dim=C, amortized=cfg.isd_amortized, cond_dim=C, **flow_kw)
         elif cfg.context_distribution == "iad":
             self.context_flow = PromptFlow(D, in_dim=C, **flow_kw)
             self.context_xi = nn.Parameter(torch.randn(1, C))
         self.normal_flow = self.abnormal_flow = None
         self.normal_xi = self.abnormal_xi = None
-        if cfg.state_distribution == "iad":
+        if not bayes:
+            pass
+        elif cfg.state_distribution == "iad":
             init = "randn" if not cfg.iad_share_flow else "normal"
             self.normal_flow = PromptFlow(D, in_dim=C, init=init, **flow_kw)
             shared_flow = self.normal_flow.flow if cfg.iad_share_flow else None
@@ -132,6 +137,11 @@ class BayesPFL(nn.Module):
         self.class_mapping = nn.Linear(C, C) if cfg.class_mapping else None
         self.image_mapping = nn.Linear(C, C) if cfg.class_mapping else None
         self._state_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # an alternative text-prompt design replaces banks + flows (Figure 4: APRIL-GAN+, AnomalyCLIP+, WinCLIP)
+        self.prompt_design = None
+        if cfg.prompt_design != "bayes-pfl":
+            from .prompt_designs import build_prompt_design
+            self.prompt_design = build_prompt_design(cfg, backbone)
         self.to(backbone.device)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -217,6 +227,14 @@ class BayesPFL(nn.Module):
                 draw(self.abnormal_flow, self.abnormal_xi.expand(N, -1), "abnormal")
         return phis, kls
 
+    def prompt_embeddings(self, feats: ImageFeatures, x: torch.Tensor, class_names: Sequence[str], n_samples: int,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Text embeddings [N, 2, R, B, C] (unit norm) and the flow KL terms, from the configured prompt design."""
+        if self.prompt_design is not None:
+            return self.prompt_design(self, feats, x, class_names, n_samples, generator)
+        phis, kls = self.sample_prompts(feats, x, n_samples, generator)
+        return self.encode_prompts(class_names, phis), kls
+
     def encode_prompts(self, class_names: Sequence[str], phis: dict) -> torch.Tensor:
         """All 2·B·R prompts of all images in one text pass -> [N, 2, R, B, C] unit vectors (Eq. 8-9)."""
         learned = self.prompts.fuse(phis["context"], phis["normal"], phis["abnormal"])
@@ -283,8 +301,7 @@ class BayesPFL(nn.Module):
 
         patches = self.project_patches(feats)
         x = self.global_embedding(feats, patches)
-        phis, kls = self.sample_prompts(feats, x, R, generator)
-        text = self.encode_prompts(class_names, phis)  # [N, 2, R, B, C]
+        text, kls = self.prompt_embeddings(feats, x, class_names, R, generator)  # [N, 2, R, B, C]
         if cfg.ensemble == "text":  # Table 4: average the embeddings first
             text = F.normalize(text.mean(dim=(2, 3), keepdim=True), dim=-1)
 
