@@ -11,6 +11,7 @@ A teaching and reproduction kit. Modules mirror the paper's sections:
 * :mod:`bpfl.metrics`, :mod:`bpfl.data`, :mod:`bpfl.train`, :mod:`bpfl.evaluate`, :mod:`bpfl.cli`
 """
 from .config import BayesPFLConfig, SWITCHES
+from .reference import load_reference_checkpoint  # noqa: F401  (the authors' released checkpoints)
 
 __version__ = "0.1.0"
 __all__ = ["BayesPFLConfig", "SWITCHES", "__version__"]

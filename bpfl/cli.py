@@ -166,14 +166,22 @@ def cmd_train(args) -> int:
     cfg = build_config(args)
     if args.selection:
         cfg = cfg.replace(selection=args.selection)
+    # under torchrun: build each rank's model on its own GPU (cuda:LOCAL_RANK); only rank 0 talks and writes
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device in (None, "auto", "cuda"):
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(cfg.seed)
-    banner(f"training Bayes-PFL: {cfg.backbone} ({cfg.pretrained or 'random weights'}) at {cfg.image_size}px "
-           f"on {args.data} [{args.split} split]")
-    if args.split == "test":
+    if rank0:
+        banner(f"training Bayes-PFL: {cfg.backbone} ({cfg.pretrained or 'random weights'}) at {cfg.image_size}px "
+               f"on {args.data} [{args.split} split]")
+    if args.split == "test" and rank0:
         print("[bpfl] protocol: training on the auxiliary dataset's TEST split, as the paper does "
               "(train on VisA -> test elsewhere; train on MVTec-AD -> test on VisA).")
     dataset = _open(args.data, args.layout, args.split, args.categories, cfg.image_size, args.skip_bad)
-    print(dataset.summary())
+    if rank0:
+        print(dataset.summary())
     model = BayesPFL(cfg, device=args.device)
     val_fn = None
     if cfg.selection != "last":
@@ -182,11 +190,13 @@ def cmd_train(args) -> int:
             from .train import split_holdout
             dataset, _ = split_holdout(dataset, args.val_fraction, cfg.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
     res = train(model, dataset, out, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                max_steps=args.max_steps, progress=not args.quiet, val_fn=val_fn)
-    print(f"[bpfl] done in {res.seconds:.0f}s; checkpoint: {res.checkpoint}; loss log: {out / 'train_log.csv'}")
+                max_steps=args.max_steps, progress=not args.quiet and rank0, val_fn=val_fn)
+    if rank0:
+        print(f"[bpfl] done in {res.seconds:.0f}s; checkpoint: {res.checkpoint}; loss log: {out / 'train_log.csv'}")
     return 0
 
 

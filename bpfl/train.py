@@ -10,6 +10,11 @@ Checkpoints are written atomically (temporary file + rename) at every epoch end 
 uninterrupted run exactly on the same device: the shuffling order and the flow samples come from generators
 seeded by (seed, epoch), whose states are stored in the checkpoint.
 
+Launched by ``torchrun --nproc_per_node=N -m bpfl train ...`` the same loop trains with PyTorch DDP over N
+processes (:mod:`bpfl.distributed`, ``docs/distributed.md``): ``config.batch_size`` is then the per-rank batch,
+each global batch of N·batch_size images is the one a single process with that batch size would see, and the
+parameters match that single-process run up to float rounding. Only rank 0 prints and writes files.
+
 Model selection never looks at target data by default (``selection="last"``). ``"aux-val"`` holds out part of
 the *auxiliary* set; ``"released-target"`` reproduces the released code's rule (pick the epoch by pixel AP on
 categories of the *target* dataset, i.e. test-set leakage) and must be asked for by name.
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import distributed
 from .backbone import ImageFeatures
 from .config import BayesPFLConfig
 from .model import BayesPFL
@@ -198,29 +204,52 @@ def train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, *, epochs: int
     after each epoch (e.g. the per-epoch evaluation behind Figure 4); a dict it returns is logged.
     ``val_fn(model) -> score`` (higher is better) implements ``selection="aux-val"`` / ``"released-target"``
     with early stopping after ``patience`` epochs without improvement.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is distributed (:mod:`bpfl.distributed`): ``cfg.batch_size``
+    images per rank, global batch = that × world size, DDP-averaged gradients, results equal to one process with
+    the global batch; callbacks and ``val_fn`` run on rank 0 only (their results are broadcast), and only rank 0
+    writes files and prints.
     """
+    dctx = distributed.setup(model)
+    result = _train(model, dataset, out_dir, dctx, epochs=epochs, resume=resume, checkpoint_every=checkpoint_every,
+                    max_steps=max_steps, feature_cache_bytes=feature_cache_bytes, progress=progress,
+                    num_workers=num_workers, epoch_callback=epoch_callback, val_fn=val_fn, patience=patience)
+    dctx.close()
+    return result
+
+
+def _train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, dctx: "distributed.DistContext", *,
+           epochs, resume, checkpoint_every, max_steps, feature_cache_bytes, progress, num_workers,
+           epoch_callback, val_fn, patience) -> TrainResult:
     from tqdm.auto import tqdm
 
     from .data import collate
 
     cfg = model.config
+    main = dctx.is_main
+    progress = progress and main
+    world = dctx.world_size
     epochs = cfg.epochs if epochs is None else epochs
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
     log_path = out_dir / "train_log.csv"
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty: check the root, split and categories")
     indexed = _Indexed(dataset)
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer, steps_per_epoch * epochs, cfg.cosine_schedule)
     history: list[dict] = []
     start_epoch, skip_steps, global_step = 0, 0, 0
     sample_gen_state = None
     best_score, bad_epochs = -math.inf, 0
-    if resume and ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path)
+    found = dctx.broadcast_object(ckpt_path.exists() if main else None)
+    if resume and found:
+        # rank 0 reads the checkpoint and hands it to the others (no shared filesystem needed)
+        ckpt = dctx.broadcast_object(read_checkpoint(ckpt_path) if main else None)
         if ckpt["config"] != cfg.to_dict():
             diff = {k: (v, cfg.to_dict().get(k)) for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v}
             raise ValueError(f"--resume: {ckpt_path} was written with a different config {diff}; "
@@ -234,9 +263,14 @@ def train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, *, epochs: int
         best_score, bad_epochs = ckpt.get("best_score", -math.inf), ckpt.get("bad_epochs", 0)
         if progress:
             print(f"[bpfl] resuming {ckpt_path}: epoch {start_epoch + 1}, step {skip_steps} of {steps_per_epoch}")
-    elif ckpt_path.exists() and not resume:
+    elif found and not resume and main:
         ckpt_path.unlink()  # a fresh run; the old checkpoint would be misleading
-    cache = FeatureCache(feature_cache_bytes)
+    cache = FeatureCache(feature_cache_bytes)  # one per rank: each caches the images of its own shards
+    step_fn = distributed.wrap(model, dctx) if dctx.enabled else None
+
+    def checkpoint(path: Path, **extra) -> None:
+        if main:
+            save_checkpoint(path, model, **extra)
     t0 = time.perf_counter()
     model.train()
     done = False
@@ -246,8 +280,14 @@ def train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, *, epochs: int
         if sample_gen_state is not None and epoch == start_epoch:
             sampler_gen.set_state(sample_gen_state)
         first = skip_steps if epoch == start_epoch else 0  # resuming mid-epoch: same order, later batches
-        loader = DataLoader(Subset(indexed, order[first * cfg.batch_size:]), batch_size=cfg.batch_size,
-                            shuffle=False, num_workers=num_workers, collate_fn=collate)
+        plan = None
+        if dctx.enabled:  # this rank's contiguous slice of every global batch of the single-process order
+            plan = distributed.epoch_plan(order, global_batch, world, dctx.rank, first)
+            loader = DataLoader(indexed, batch_sampler=[s.indices for s in plan], num_workers=num_workers,
+                                collate_fn=collate)
+        else:
+            loader = DataLoader(Subset(indexed, order[first * cfg.batch_size:]), batch_size=cfg.batch_size,
+                                shuffle=False, num_workers=num_workers, collate_fn=collate)
         sums: dict[str, float] = {}
         n_batches = 0
         steps_in_epoch = first
@@ -259,8 +299,11 @@ def train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, *, epochs: int
                 feats = model.backbone.encode_image(batch["image"])
                 cache.put(idx, feats)
             masks = _masks_for_training(batch, getattr(dataset, "root", ""))
-            out = model(None, batch["class_name"], features=feats, generator=sampler_gen)
-            losses = model.loss(out, masks, batch["label"], generator=sampler_gen)
+            if step_fn is not None:  # DDP: the global batch's loss from this rank's shard
+                losses = step_fn(feats, batch["class_name"], masks, batch["label"], sampler_gen, plan[step - first])
+            else:
+                out = model(None, batch["class_name"], features=feats, generator=sampler_gen)
+                losses = model.loss(out, masks, batch["label"], generator=sampler_gen)
             total = losses["total"]
             if not torch.isfinite(total):
                 bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
@@ -280,38 +323,39 @@ def train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, *, epochs: int
             last_step = step + 1 == steps_per_epoch
             steps_in_epoch = step + 1
             if checkpoint_every and global_step % checkpoint_every == 0 and not last_step:
-                save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict(), epoch=epoch, step_in_epoch=step + 1,
-                                global_step=global_step, sample_generator=sampler_gen.get_state(),
-                                history=history, best_score=best_score, bad_epochs=bad_epochs)
+                checkpoint(ckpt_path, optimizer=optimizer.state_dict(),
+                           scheduler=scheduler.state_dict(), epoch=epoch, step_in_epoch=step + 1,
+                           global_step=global_step, sample_generator=sampler_gen.get_state(),
+                           history=history, best_score=best_score, bad_epochs=bad_epochs)
             if max_steps is not None and global_step >= max_steps:
                 done = True
                 break
         row = {"epoch": epoch + 1, "steps": n_batches, "seconds": round(time.perf_counter() - t0, 2),
                **{k: v / max(1, n_batches) for k, v in sums.items()}}
-        if epoch_callback is not None:
-            extra = epoch_callback(epoch + 1, model)
+        if epoch_callback is not None:  # rank 0 only; the others wait for its result
+            extra = dctx.broadcast_object(epoch_callback(epoch + 1, model) if main else None)
             model.train()
             if extra:
                 row.update(extra)
         if val_fn is not None:
-            score = float(val_fn(model))
+            score = float(dctx.broadcast_object(float(val_fn(model)) if main else None))
             model.train()
             row["val_score"] = score
             if score > best_score:
                 best_score, bad_epochs = score, 0
-                save_checkpoint(out_dir / "best.pt", model, epoch=epoch + 1, val_score=score)
+                checkpoint(out_dir / "best.pt", epoch=epoch + 1, val_score=score)
             else:
                 bad_epochs += 1
         finished_epoch = steps_in_epoch == steps_per_epoch
         if finished_epoch:
             history.append(row)
-            _write_log(log_path, history)
-        save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        epoch=epoch + 1 if finished_epoch else epoch,
-                        step_in_epoch=0 if finished_epoch else steps_in_epoch,
-                        global_step=global_step, sample_generator=None if finished_epoch else sampler_gen.get_state(),
-                        history=history, best_score=best_score, bad_epochs=bad_epochs)
+            if main:
+                _write_log(log_path, history)
+        checkpoint(ckpt_path, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                   epoch=epoch + 1 if finished_epoch else epoch,
+                   step_in_epoch=0 if finished_epoch else steps_in_epoch,
+                   global_step=global_step, sample_generator=None if finished_epoch else sampler_gen.get_state(),
+                   history=history, best_score=best_score, bad_epochs=bad_epochs)
         if progress:
             terms = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in {"epoch", "steps", "seconds"})
             print(f"[bpfl] epoch {epoch + 1}/{epochs}: {terms}", flush=True)
@@ -319,10 +363,35 @@ def train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, *, epochs: int
             break
     model.eval()
     final = ckpt_path
-    if val_fn is not None and (out_dir / "best.pt").exists():
+    if val_fn is not None and dctx.broadcast_object((out_dir / "best.pt").exists() if main else None):
         final = out_dir / "best.pt"
-        model.load_trainable_state_dict(read_checkpoint(final)["state"])
+        if main:
+            model.load_trainable_state_dict(read_checkpoint(final)["state"])
+        dctx.broadcast_tensors([p for p in model.parameters() if p.requires_grad])  # rank 0's best weights
     return TrainResult(model=model, checkpoint=final, history=history, seconds=time.perf_counter() - t0)
+
+
+def per_epoch_eval(dataset, *, n_samples: int | None = None, batch_size: int = 8, seed: int = 0,
+                   metrics: Sequence[str] = ("pixel_ap",), categories: Sequence[str] | None = None,
+                   map_sigma: float | None = None, prefix: str = "eval_",
+                   history: list[dict] | None = None) -> Callable[[int, BayesPFL], dict]:
+    """An ``epoch_callback`` for :func:`train` that evaluates after every epoch (Figure 4: pixel AP vs epoch).
+
+    Each call runs :func:`bpfl.evaluate.evaluate` on ``dataset`` (R = ``n_samples``, default the config's test R;
+    the same Monte-Carlo ``seed`` every epoch; no AUPRO, no files) and returns ``{prefix + metric: mean over
+    categories}``, which :func:`train` adds to that epoch's row of ``train_log.csv``. ``history``, if given,
+    also collects ``{"epoch": e, **metrics}`` rows. Under torchrun it runs on rank 0 only.
+    """
+    from .evaluate import evaluate
+
+    def callback(epoch: int, model: BayesPFL) -> dict:
+        res = evaluate(model, dataset, n_samples=n_samples, batch_size=batch_size, seed=seed, map_sigma=map_sigma,
+                       aupro_variant=None, progress=False, categories=categories)
+        row = {f"{prefix}{m}": res.mean(m) for m in metrics}
+        if history is not None:
+            history.append({"epoch": epoch, **row})
+        return row
+    return callback
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
