@@ -32,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "focal_loss",
     "dice_loss",
+    "focal_dice_per_map",
     "segmentation_loss",
     "classification_loss",
     "orthogonal_loss",
@@ -87,6 +88,113 @@ def dice_loss(prob_abnormal: Tensor, target: Tensor, eps: float = 1e-5, both_cha
     if both_channels:
         loss = 0.5 * (loss + _dice(1.0 - prob_abnormal, 1.0 - g))
     return loss
+
+
+#: elements of one chunk of maps in :func:`focal_dice_per_map` (16 MB in fp32): the temporaries stay this small
+FUSED_CHUNK_ELEMENTS = 1 << 22
+
+
+class _FocalDicePerMap(torch.autograd.Function):
+    """Fused focal + dice of K maps per image, chunked over K; backward in closed form (see the function below)."""
+
+    @staticmethod
+    def forward(ctx, prob: Tensor, target: Tensor, gamma: float, balanced: bool, focal_eps: float,
+                dice_eps: float) -> tuple[Tensor, Tensor]:
+        K = prob.shape[1]
+        ct = torch.promote_types(prob.dtype, torch.float32)  # compute dtype: at least float32
+        fg = (target > 0.5).unsqueeze(1)  # [N, 1, h, w]
+        g = target.unsqueeze(1).to(ct)
+        fgf = fg.to(ct)
+        n_pix = fg.numel()
+        n_fg = fgf.sum()
+        n_bg = n_pix - n_fg
+        step = max(1, FUSED_CHUNK_ELEMENTS // max(1, prob[:, :1].numel()))
+        focal, inter, p_sum = (prob.new_empty(K, dtype=ct) for _ in range(3))
+        dims = (0, 2, 3)
+        for k in range(0, K, step):
+            ks = slice(k, k + step)
+            p = prob[:, ks].to(ct)
+            p_t = torch.where(fg, p, 1.0 - p)
+            q = torch.sub(1.0, p_t)
+            logp = p_t.clamp_(focal_eps, 1.0).log_()
+            loss = q.pow_(gamma).mul_(logp).neg_()  # -(1 - p_t)^gamma log p_t
+            if balanced:
+                focal[ks] = ((loss * fgf).sum(dims) / n_fg.clamp_min(1.0)
+                             + (loss * (1.0 - fgf)).sum(dims) / n_bg.clamp_min(1.0))
+            else:
+                focal[ks] = loss.sum(dims) / n_pix
+            inter[ks] = (p * g).sum(dims)
+            p_sum[ks] = p.sum(dims)
+        num = 2.0 * inter + dice_eps
+        den = p_sum + g.sum() + dice_eps
+        ctx.save_for_backward(prob, target, num, den, n_fg, n_bg)
+        ctx.options = (gamma, balanced, focal_eps, step)
+        return focal, 1.0 - num / den
+
+    @staticmethod
+    def backward(ctx, grad_focal: Tensor | None, grad_dice: Tensor | None):
+        nothing = (None,) * 5
+        if not ctx.needs_input_grad[0]:
+            return (None, *nothing)
+        prob, target, num, den, n_fg, n_bg = ctx.saved_tensors
+        gamma, balanced, eps, step = ctx.options
+        K = prob.shape[1]
+        ct = num.dtype
+        fg = (target > 0.5).unsqueeze(1)
+        g = target.unsqueeze(1).to(ct)
+        fgf = fg.to(ct)
+        grad_focal = num.new_zeros(K) if grad_focal is None else grad_focal.to(ct)
+        grad_dice = num.new_zeros(K) if grad_dice is None else grad_dice.to(ct)
+        # focal: d loss / d p = (d p_t / d p) * w * d loss / d p_t, with d p_t / d p = +1 (fg) or -1 (bg), w the
+        # weight of the pixel in the mean(s), and d loss / d p_t = (1-p_t)^(gamma-1) (gamma log p_t - (1-p_t)/p_t)
+        # (the 1/p_t term only where clamp(p_t, eps, 1) passes the gradient)
+        if balanced:
+            w = fgf / n_fg.clamp_min(1.0) + (1.0 - fgf) / n_bg.clamp_min(1.0)
+        else:
+            w = torch.full_like(fgf, 1.0 / fg.numel())
+        signed_w = (2.0 * fgf - 1.0) * w  # [N, 1, h, w]
+        # dice: D = 1 - num/den, num = 2 sum(p g) + e, den = sum(p) + sum(g) + e -> dD/dp = num/den^2 - (2/den) g
+        a = (grad_dice * num / den ** 2).view(1, K, 1, 1)
+        b = (grad_dice * 2.0 / den).view(1, K, 1, 1)
+        grad = torch.empty_like(prob)
+        for k in range(0, K, step):
+            ks = slice(k, k + step)
+            p = prob[:, ks].to(ct)
+            p_t = torch.where(fg, p, 1.0 - p)
+            q = torch.sub(1.0, p_t)
+            inside = (p_t >= eps) & (p_t <= 1.0)
+            r = torch.div(1.0 if gamma == 0 else q, p_t.clamp_min_(eps)).masked_fill_(~inside, 0.0)
+            if gamma == 0:
+                d = r.neg_()
+            else:
+                d = p_t.clamp_(max=1.0).log_().mul_(gamma).sub_(r)  # gamma log p_t - (1-p_t)/p_t
+                if gamma != 1:
+                    d.mul_(q.pow_(gamma - 1.0))
+            d.mul_(signed_w).mul_(grad_focal[ks].view(1, -1, 1, 1))
+            d.add_(torch.addcmul(a[:, ks], b[:, ks], g, value=-1.0))
+            grad[:, ks] = d
+        return (grad, *nothing)
+
+
+def focal_dice_per_map(prob_abnormal: Tensor, target: Tensor, gamma: float = 2.0, balanced: bool = False,
+                       focal_eps: float = 1e-8, dice_eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """:func:`focal_loss` and :func:`dice_loss` of K maps per image against one mask per image, fused.
+
+    ``prob_abnormal`` ``[N, K, H, W]`` (e.g. the L·P pair maps of a batch, ``pair_maps.flatten(1, 2)``),
+    ``target`` ``[N, H, W]``. Returns ``(focal [K], dice [K])`` where entry k equals
+    ``focal_loss(prob_abnormal[:, k], target, gamma, balanced, focal_eps)`` and
+    ``dice_loss(prob_abnormal[:, k], target, dice_eps)`` up to the order of floating-point summation.
+
+    One autograd node instead of a dozen per map: the forward pass works through the maps in chunks of
+    :data:`FUSED_CHUNK_ELEMENTS` and keeps nothing but the input, and the backward pass recomputes each chunk and
+    writes the closed-form gradient of both terms into one tensor -- far fewer full-size temporaries than the
+    composed ops (each of which autograd would keep for backward). Computed in at least float32.
+    """
+    if prob_abnormal.dim() != 4 or target.shape != (prob_abnormal.shape[0], *prob_abnormal.shape[2:]):
+        raise ValueError(f"expected prob [N, K, H, W] and target [N, H, W], got {tuple(prob_abnormal.shape)} and "
+                         f"{tuple(target.shape)}")
+    return _FocalDicePerMap.apply(prob_abnormal, target, float(gamma), bool(balanced), float(focal_eps),
+                                  float(dice_eps))
 
 
 def segmentation_loss(prob_abnormal: Tensor | Sequence[Tensor], target: Tensor, gamma: float = 2.0,

@@ -30,8 +30,9 @@ from .flow import FlowSample, PromptFlow, flow_kl
 from .prompts import PromptBanks, class_tokens, encode_prompts
 from .rca import ResidualCrossModalAttention
 
-#: elements of one full-resolution chunk of maps while accumulating the mean map (64 MB in fp32)
-MAP_CHUNK_ELEMENTS = 1 << 24
+#: elements of one full-resolution chunk of maps while accumulating the mean map (16 MB in fp32: reused by the
+#: allocator instead of fetched from the OS each time; measured faster and leaner than 64 MB, benchmarks/README.md)
+MAP_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -312,8 +313,8 @@ class BayesPFL(nn.Module):
         n_layers, n_pairs = diff.shape[1], diff.shape[2]
         pair_maps = layer_maps = sample_maps = None
         if return_pair_maps:
-            up = self.upsample(diff.flatten(1, 2), size)
-            pair_maps = torch.sigmoid(up).unflatten(1, (n_layers, n_pairs))
+            # in place: the upsampling's backward keeps no tensor, so this saves one full-size copy in training
+            pair_maps = self.upsample(diff.flatten(1, 2), size).sigmoid_().unflatten(1, (n_layers, n_pairs))
             anomaly_map = pair_maps.mean(dim=(1, 2))
             if return_layer_maps:
                 layer_maps = pair_maps.mean(2)
@@ -334,26 +335,30 @@ class BayesPFL(nn.Module):
 
     def _accumulate_maps(self, diff: torch.Tensor, size: tuple[int, int], n_prompts: int,
                          want_layers: bool, want_samples: bool):
-        """Eq. 12 streamed: mean of sigmoid(Up(diff)) over L·R·B in chunks of full-resolution maps."""
+        """Eq. 12 streamed: mean of sigmoid(Up(diff)) over L·R·B in chunks of full-resolution maps.
+
+        The L·R·B maps form one axis (k = l·R·B + r·B + b), so a small R is a single chunk; a chunk holds at most
+        ``MAP_CHUNK_ELEMENTS`` values and the sigmoid is applied in place, so memory does not grow with R.
+        """
         N, n_layers, n_pairs = diff.shape[:3]
         h, w = size
+        n_maps = n_layers * n_pairs
+        flat = diff.flatten(1, 2)  # [N, L·R·B, H, W]
         chunk = max(1, MAP_CHUNK_ELEMENTS // max(1, N * h * w))
         total = diff.new_zeros(N, h, w)
         layer_maps = diff.new_zeros(N, n_layers, h, w) if want_layers else None
-        n_samples = n_pairs // n_prompts
-        sample_maps = diff.new_zeros(N, n_samples, h, w) if want_samples else None
-        for l in range(n_layers):
-            for start in range(0, n_pairs, chunk):
-                stop = min(n_pairs, start + chunk)
-                probs = torch.sigmoid(self.upsample(diff[:, l, start:stop], size))  # [N, k, h, w]
-                s = probs.sum(1)
-                total += s
+        sample_maps = diff.new_zeros(N, n_pairs // n_prompts, h, w) if want_samples else None
+        for start in range(0, n_maps, chunk):
+            stop = min(n_maps, start + chunk)
+            probs = self.upsample(flat[:, start:stop], size).sigmoid_()  # [N, k, h, w]
+            total += probs.sum(1)
+            if layer_maps is not None or sample_maps is not None:
+                k = torch.arange(start, stop, device=diff.device)
                 if layer_maps is not None:
-                    layer_maps[:, l] += s / n_pairs
+                    layer_maps.index_add_(1, k // n_pairs, probs, alpha=1.0 / n_pairs)
                 if sample_maps is not None:
-                    r_idx = torch.arange(start, stop, device=diff.device) // n_prompts
-                    sample_maps.index_add_(1, r_idx, probs / (n_layers * n_prompts))
-        return total / (n_layers * n_pairs), layer_maps, sample_maps
+                    sample_maps.index_add_(1, (k % n_pairs) // n_prompts, probs, alpha=1.0 / (n_layers * n_prompts))
+        return total / n_maps, layer_maps, sample_maps
 
     # ------------------------------------------------------------------ losses (§3.6)
     def loss(self, out: BayesPFLOutput, masks: torch.Tensor, labels: torch.Tensor,
@@ -372,24 +377,20 @@ class BayesPFL(nn.Module):
         pairs = list(range(n_pairs))
         if cfg.loss_pairs == "one":  # released: one random prompt pair for the whole step
             pairs = [int(torch.randint(n_pairs, (1,), generator=generator).item())]
-        # unbind once (one stacked gradient in backward) instead of indexing the big tensor per (layer, pair)
-        per_layer_pair = [m.unbind(1) for m in out.pair_maps.unbind(1)]  # [l][p] -> [N, h, w]
+        # every layer and pair in one fused autograd node (chunked, closed-form backward): maps [N, L·P, h, w]
+        maps = out.pair_maps if len(pairs) == n_pairs else out.pair_maps[:, :, pairs]
+        focal, dice = L.focal_dice_per_map(maps.flatten(1, 2), masks, balanced=cfg.focal_balanced)
+        focal, dice = focal.view(n_layers, len(pairs)), dice.view(n_layers, len(pairs))
         reduce = torch.sum if cfg.seg_layer_reduction == "sum" else torch.mean
-        cls_terms, focal_terms, dice_terms = [], [], []
-        for p in pairs:
-            cls_terms.append(L.classification_loss(logits[:, :, p], labels))
-            maps_p = [per_layer_pair[l][p] for l in range(n_layers)]
-            focal_terms.append(reduce(torch.stack([L.focal_loss(m, masks, balanced=cfg.focal_balanced)
-                                                   for m in maps_p])))
-            dice_terms.append(reduce(torch.stack([L.dice_loss(m, masks) for m in maps_p])))
+        # CE of [N, 2, P] against the label of every pair = the mean of the per-pair CEs
+        cls = L.classification_loss(logits[:, :, pairs], labels[:, None].expand(N, len(pairs)))
         t = out.text_embeddings  # [N, 2, R, B, C]
         ort = None
         if cfg.use_ort and t.shape[3] > 1:
             tn = t[:, 0].reshape(-1, t.shape[3], t.shape[4])
             ta = t[:, 1].reshape(-1, t.shape[3], t.shape[4])
             ort = L.orthogonal_loss(tn, ta, reduction=cfg.ort_reduction)
-        return L.total_loss(cls=torch.stack(cls_terms).mean(), focal=torch.stack(focal_terms).mean(),
-                            dice=torch.stack(dice_terms).mean(), ort=ort,
+        return L.total_loss(cls=cls, focal=reduce(focal, dim=0).mean(), dice=reduce(dice, dim=0).mean(), ort=ort,
                             kl_context=out.kl.get("context"), kl_normal=out.kl.get("normal"),
                             kl_abnormal=out.kl.get("abnormal"), ort_weight=cfg.ort_weight,
                             kl_weight=cfg.kl_weight)

@@ -129,8 +129,11 @@ def encode_prompts(backbone: ClipBackbone, learned: torch.Tensor, tokens: ClassT
     length = backbone.context_length
     seq_learned = learned.reshape(n, M, D)
     expand = lambda t: t[:, None].expand(N, S * R * B, *t.shape[1:]).reshape(n, *t.shape[1:])  # noqa: E731
+    rest = tokens.rest
+    if truncate:  # only up to the last EOT: the causal text transformer never looks further
+        rest = rest[:, :int(tokens.eot.max()) - 1]
     seq = torch.cat([expand(tokens.sot).to(seq_learned.dtype), seq_learned,
-                     expand(tokens.rest).to(seq_learned.dtype)], dim=1)[:, :length]
+                     expand(rest).to(seq_learned.dtype)], dim=1)[:, :length]
     eot = (tokens.eot + M - 1)[:, None].expand(N, S * R * B).reshape(n)
     if int(eot.max()) >= length:
         raise ValueError(f"class name too long: with {M} learned tokens the prompt exceeds {length} tokens")
