@@ -39,6 +39,7 @@ class BayesPFLConfig:
     train_samples: int = 1  # R while training
     test_samples: int = 10  # R at test time
     flow_hidden: int | None = None  # hidden width of the mu/sigma MLPs; None = vision_width // 2
+    log_var_scale: float = 1.0  # log sigma^2 = scale * head output (released: 0.5, its var = exp(0.5 h))
     isd_condition: str = "cls+patch"  # "cls+patch" (paper: x = x_cls + x_patch) | "cls" (released)
     isd_amortized: bool = False  # flow params u, w, b: free (paper) | linear in x_cls (released)
     constrained_flow: bool = True  # u-hat reparameterisation for invertibility (paper/Rezende) | raw u
@@ -170,6 +171,7 @@ class BayesPFLConfig:
 SWITCHES: dict[str, tuple[Any, Any, str]] = {
     "quick_gelu": (None, False, "CLIP activation: QuickGELU as OpenAI trained it (paper/open_clip) vs exact GELU (released code's own transformer)"),
     "state_init_mean": (0.0, 0.5, "init mean of state vectors: S^n ~ N(+m, .02), S^a ~ N(-m, .02)"),
+    "log_var_scale": (1.0, 0.5, "q0's variance head: log sigma^2 = head (kit) vs 0.5 * head (released var = exp(0.5 h))"),
     "isd_condition": ("cls+patch", "cls", "ISD input xi: x = x_cls + x_patch (paper §3.3/3.5) vs x_cls only"),
     "isd_amortized": (False, True, "ISD planar-flow u, w, b: free parameters vs Linear(x_cls) per image"),
     "constrained_flow": (True, False, "u-hat reparameterisation guaranteeing invertibility vs raw u"),

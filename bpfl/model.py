@@ -99,7 +99,8 @@ class BayesPFL(nn.Module):
             self.patch_to_global = AttentionPooling(n_layers * V, C, hidden=max(V // 2, 1))
         # §3.3: prompt flows
         hidden = cfg.flow_hidden or max(V // 2, 1)
-        flow_kw = dict(hidden_dim=hidden, n_flows=cfg.flow_length, constrained=cfg.constrained_flow)
+        flow_kw = dict(hidden_dim=hidden, n_flows=cfg.flow_length, constrained=cfg.constrained_flow,
+                       log_var_scale=cfg.log_var_scale)
         self.context_flow = None
         self.context_xi = None
         if not bayes:

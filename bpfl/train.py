@@ -306,7 +306,7 @@ def _train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, dctx: "distri
                 losses = model.loss(out, masks, batch["label"], generator=sampler_gen)
             total = losses["total"]
             if not torch.isfinite(total):
-                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+                bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
                 raise FloatingPointError(
                     f"loss is {float(total)} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
                     f"non-finite terms: {bad}. Lower the learning rate (now {cfg.lr}) or check the data; the last "

@@ -146,6 +146,16 @@ def _context_phi(model, feats, patch_noise=0.0):
     return phis["context"]
 
 
+def test_switch_log_var_scale(bb, feats):
+    paper, rel = make(bb), make(bb, **released("log_var_scale"))
+    xi = torch.randn(3, bb.embed_dim)
+    with torch.no_grad():
+        rel.context_flow.encoder.load_state_dict(paper.context_flow.encoder.state_dict())
+        _, lv_paper = paper.context_flow.encoder(xi)
+        _, lv_rel = rel.context_flow.encoder(xi)
+    torch.testing.assert_close(lv_rel, RELEASED["log_var_scale"] * lv_paper)
+
+
 def test_switch_isd_condition(bb, feats):
     paper, rel = make(bb), make(bb, **released("isd_condition"))
     # released: xi = x_cls only -> the ISD does not see the patch tokens
