@@ -1,0 +1,314 @@
+"""Random CLIP vs toy-pretrained CLIP vs a classical reference, on categories unseen by both trainings.
+
+Protocol (the paper's, offline): Bayes-PFL is trained on the test split of the synthetic dataset's ``seen``
+group (brick, striped_fabric, marble, dotted_fabric) and evaluated zero-shot on its ``unseen`` group (grass,
+gravel, woven_fabric, fibre), whose surface families and class words are also held out of the toy CLIP's
+pretraining. Side by side, on the same unseen test images:
+
+  (i)   Bayes-PFL on a random-weight backbone (the same ``bpfl-toy`` architecture, and optionally the kit's
+        ``bpfl-tiny`` teaching backbone at 224 px with ``--with-tiny``);
+  (ii)  Bayes-PFL on the toy CLIP (:mod:`bpfl.toyclip`), built first if its checkpoint is missing;
+  (iii) a training-free classical reference: per-pixel deviation of the local mean and standard deviation
+        (Gaussian window) from the image's own median statistics (robust z-score, summed over channels);
+        image score = mean of the top 1 % of the map. Window sizes 1, 2 and 4 px (sigma, at the evaluation
+        size) are all run and the best on the test data is reported -- an optimistic reference on purpose;
+  (iv)  the toy CLIP alone, training-free: last-block patch tokens vs "a photo of a flawless/damaged surface."
+        (:func:`bpfl.toyclip.zero_shot_maps`), to separate what the backbone knows from what Bayes-PFL's
+        training on 4 seen categories makes of it.
+
+Pixel and image AUROC are averaged over categories, then mean ± std over the Bayes-PFL training seeds.
+Pretraining time (wall and CPU) and peak memory (getrusage max RSS of the pretraining process) come from the
+checkpoint's record. Writes ``benchmarks/results/toy_clip_transfer.{csv,md}``.
+
+    python benchmarks/toy_clip_transfer.py                 # builds the toy CLIP if needed, 3 seeds
+    python benchmarks/toy_clip_transfer.py --seeds 0 --toy-clip /path/to/toy.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bpfl import metrics as M  # noqa: E402
+from bpfl.backbone import default_layers, load_backbone  # noqa: E402
+from bpfl.config import BayesPFLConfig  # noqa: E402
+from bpfl.data import SYNTHETIC_GROUPS, make_synthetic_dataset, open_dataset  # noqa: E402
+from bpfl.evaluate import evaluate  # noqa: E402
+from bpfl.model import BayesPFL  # noqa: E402
+from bpfl.toyclip import (DEFAULT_BATCH, DEFAULT_STEPS, TOY_ARCH, TOY_IMAGE_SIZE, default_toy_clip_path,  # noqa: E402
+                          toy_layers, zero_shot_maps)
+from bpfl.train import train  # noqa: E402
+
+SEEN, UNSEEN = SYNTHETIC_GROUPS["seen"], SYNTHETIC_GROUPS["unseen"]
+TRAINING_FREE = "toy CLIP alone, training-free prompts (no Bayes-PFL)"
+
+
+# ------------------------------------------------------------------------------------------ machine
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        load = " (load average at start: %.1f, %.1f, %.1f -- the cores were shared with other jobs)" % os.getloadavg()
+    except OSError:
+        load = ""
+    return (f"{cpu}, {os.cpu_count()} logical CPUs{mem}, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, {platform.system()} {platform.release()}{load}")
+
+
+# ------------------------------------------------------------------------------------------ classical
+def classical_map(img: np.ndarray, sigma: float) -> np.ndarray:
+    """img [H, W, 3] in [0, 1] -> map [H, W]: robust z-scores of local mean and std vs the image's own."""
+    from scipy.ndimage import gaussian_filter
+    img = img.astype(np.float64)
+    mu = gaussian_filter(img, (sigma, sigma, 0))
+    sd = np.sqrt(np.clip(gaussian_filter(img * img, (sigma, sigma, 0)) - mu * mu, 0, None))
+    score = np.zeros(img.shape[:2])
+    for f in (mu, sd):
+        flat = f.reshape(-1, 3)
+        med = np.median(flat, axis=0)
+        mad = np.median(np.abs(flat - med), axis=0) * 1.4826 + 1e-3
+        score += (np.abs(f - med) / mad).sum(-1)
+    return score.astype(np.float32)
+
+
+def classical_reference(ds, sigmas=(1.0, 2.0, 4.0), top: float = 0.01) -> pd.DataFrame:
+    """Per category and sigma: pixel AUROC and image AUROC of the classical map on ``ds`` (normalize=False)."""
+    rows = []
+    for cat, idx in ds.by_category().items():
+        items = [ds[i] for i in idx]
+        imgs = [it["image"].permute(1, 2, 0).numpy() for it in items]
+        masks = np.stack([np.nan_to_num(it["mask"].numpy()) > 0.5 for it in items])
+        labels = np.array([it["label"] for it in items])
+        for s in sigmas:
+            maps = np.stack([classical_map(im, s) for im in imgs])
+            flat = maps.reshape(len(maps), -1)
+            k = max(1, int(top * flat.shape[1]))
+            img_score = np.sort(flat, axis=1)[:, -k:].mean(1)
+            rows.append({"method": f"classical (sigma={s:g})", "sigma": s, "seed": 0, "category": cat,
+                         "pixel_auroc": M.roc_auc(masks.ravel(), maps.ravel()),
+                         "image_auroc": M.roc_auc(labels, img_score)})
+    return pd.DataFrame(rows)
+
+
+def training_free_reference(backbone, ds, name: str) -> pd.DataFrame:
+    """(iv) the toy CLIP alone: patch tokens vs "flawless"/"damaged" prompts, no Bayes-PFL training."""
+    from bpfl.data import collate
+    rows = []
+    for cat, idx in ds.by_category().items():
+        batch = collate([ds[i] for i in idx])
+        maps, scores = zero_shot_maps(backbone, batch["image"])
+        masks = np.nan_to_num(batch["mask"].numpy()) > 0.5
+        rows.append({"method": name, "seed": 0, "category": cat,
+                     "pixel_auroc": M.roc_auc(masks.ravel(), maps.numpy().ravel()),
+                     "image_auroc": M.roc_auc(batch["label"].numpy(), scores.numpy())})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+def ensure_pretrained(path: Path, steps: int, batch_size: int, seed: int) -> dict:
+    """Build the toy CLIP in a child process if missing (so its peak RSS is its own); return its record."""
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        print(f"[bench] pretraining the toy CLIP -> {path} ({steps} steps x {batch_size})", flush=True)
+        cmd = [sys.executable, "-m", "bpfl.toyclip.pretrain", "--out", str(path), "--steps", str(steps),
+               "--batch-size", str(batch_size), "--seed", str(seed)]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ Bayes-PFL
+def run_bayespfl(name: str, backbone, overrides: dict, train_ds, test_ds, seeds, out_dir: Path,
+                 epochs: int | None, progress: bool) -> tuple[pd.DataFrame, dict]:
+    rows = []
+    cfg = None
+    for seed in seeds:
+        cfg = BayesPFLConfig.teaching(**overrides, seed=seed, **({"epochs": epochs} if epochs else {}))
+        torch.manual_seed(seed)
+        model = BayesPFL(cfg, backbone=backbone)
+        t0 = time.perf_counter()
+        train(model, train_ds, out_dir / f"{name}-seed{seed}", progress=progress)
+        t_train = time.perf_counter() - t0
+        res = evaluate(model, test_ds, seed=seed, progress=False)
+        for cat, r in res.per_category.items():
+            rows.append({"method": name, "seed": seed, "category": cat, "pixel_auroc": r["pixel_auroc"],
+                         "image_auroc": r["image_auroc"], "pixel_ap": r.get("pixel_ap"),
+                         "image_ap": r.get("image_ap"), "train_seconds": round(t_train, 1)})
+        print(f"[bench] {name} seed {seed}: pixel AUROC {res.mean('pixel_auroc'):.3f}, image AUROC "
+              f"{res.mean('image_auroc'):.3f} (train {t_train:.0f} s)", flush=True)
+    return pd.DataFrame(rows), cfg.to_dict()
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Category mean per (method, seed), then mean ± std over seeds."""
+    per_seed = df.groupby(["method", "seed"])[["pixel_auroc", "image_auroc"]].mean()
+    g = per_seed.groupby("method")
+    out = pd.DataFrame({"pixel_auroc_mean": g["pixel_auroc"].mean(), "pixel_auroc_std": g["pixel_auroc"].std(ddof=1),
+                        "image_auroc_mean": g["image_auroc"].mean(), "image_auroc_std": g["image_auroc"].std(ddof=1),
+                        "n_seeds": g.size()})
+    return out.fillna({"pixel_auroc_std": 0.0, "image_auroc_std": 0.0})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--toy-clip", default=None, help="toy CLIP checkpoint (default: the cache path; built if missing)")
+    ap.add_argument("--pretrain-steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--pretrain-batch", type=int, default=DEFAULT_BATCH)
+    ap.add_argument("--pretrain-seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Bayes-PFL training seeds")
+    ap.add_argument("--epochs", type=int, default=None, help="Bayes-PFL epochs (default: the teaching preset's)")
+    ap.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE)
+    ap.add_argument("--data", default=None, help="synthetic dataset folder (default: a fresh one under --work)")
+    ap.add_argument("--work", default=None, help="scratch folder (default $BPFL_CACHE/toyclip/bench)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_clip_transfer"))
+    ap.add_argument("--with-tiny", action="store_true", help="also run Bayes-PFL on random bpfl-tiny at 224 px")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = describe_machine()
+    t_start = time.perf_counter()
+    toy_path = Path(args.toy_clip) if args.toy_clip else default_toy_clip_path(TOY_ARCH, args.pretrain_seed)
+    meta = ensure_pretrained(toy_path, args.pretrain_steps, args.pretrain_batch, args.pretrain_seed)
+    work = Path(args.work) if args.work else toy_path.parent / "bench"
+    data = Path(args.data) if args.data else work / "synthetic"
+    if not (data / "bpfl_synthetic.json").is_file():
+        make_synthetic_dataset(data, seed=0)
+    S = args.image_size
+    train_ds = open_dataset(data, split="test", categories=SEEN, image_size=S)
+    test_ds = open_dataset(data, split="test", categories=UNSEEN, image_size=S)
+    frames, configs = [], {}
+
+    # (iii) classical reference on the same unseen images, at the same size
+    cl = classical_reference(open_dataset(data, split="test", categories=UNSEEN, image_size=S, normalize=False))
+    frames.append(cl)
+
+    # (i) random backbone, same architecture
+    layers = toy_layers(TOY_ARCH)
+    torch.manual_seed(0)
+    rnd = load_backbone(TOY_ARCH, None, image_size=S, layers=layers, device="cpu")
+    df, configs["random bpfl-toy"] = run_bayespfl("Bayes-PFL, random bpfl-toy", rnd,
+                                                  dict(backbone=TOY_ARCH, pretrained=None, image_size=S, layers=layers),
+                                                  train_ds, test_ds, args.seeds, work / "runs", args.epochs, args.progress)
+    frames.append(df)
+    # (ii) toy CLIP
+    toy = load_backbone(TOY_ARCH, str(toy_path), image_size=S, layers=layers, device="cpu")
+    frames.append(training_free_reference(toy, test_ds, TRAINING_FREE))
+    df, configs["toy CLIP"] = run_bayespfl("Bayes-PFL, toy CLIP", toy,
+                                           dict(backbone=TOY_ARCH, pretrained=str(toy_path), image_size=S, layers=layers),
+                                           train_ds, test_ds, args.seeds, work / "runs", args.epochs, args.progress)
+    frames.append(df)
+    if args.with_tiny:
+        torch.manual_seed(0)
+        tiny = load_backbone("bpfl-tiny", None, image_size=224, layers=default_layers("bpfl-tiny"), device="cpu")
+        tr224 = open_dataset(data, split="test", categories=SEEN, image_size=224)
+        te224 = open_dataset(data, split="test", categories=UNSEEN, image_size=224)
+        df, configs["random bpfl-tiny"] = run_bayespfl("Bayes-PFL, random bpfl-tiny (224 px)", tiny,
+                                                       dict(layers=default_layers("bpfl-tiny")),
+                                                       tr224, te224, args.seeds, work / "runs", args.epochs,
+                                                       args.progress)
+        frames.append(df)
+    all_rows = pd.concat(frames, ignore_index=True)
+    summary = summarize(all_rows)
+    best_sigma = (all_rows[all_rows.method.str.startswith("classical")]
+                  .groupby("method")["pixel_auroc"].mean().idxmax())
+    write(all_rows, summary, best_sigma, meta, configs, machine, args, toy_path, time.perf_counter() - t_start)
+    return 0
+
+
+def write(rows: pd.DataFrame, summary: pd.DataFrame, best_classical: str, meta: dict, configs: dict,
+          machine: str, args, toy_path: Path, seconds: float) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out.with_suffix(".csv"), index=False)
+    order = [m for m in summary.index if "random" in m] + [m for m in summary.index if m.startswith("Bayes-PFL, toy")] + \
+            [TRAINING_FREE] + [best_classical] + \
+            [m for m in summary.index if m.startswith("classical") and m != best_classical]
+    order = [m for m in order if m in summary.index]
+    deterministic = lambda m: m.startswith("classical") or m == TRAINING_FREE  # noqa: E731
+
+    def fmt(m, key):
+        r = summary.loc[m]
+        return f"{r[key + '_mean']:.3f} ± {r[key + '_std']:.3f}" if r["n_seeds"] > 1 and not deterministic(m) \
+            else f"{r[key + '_mean']:.3f}"
+    lines = ["| method | pixel AUROC | image AUROC | seeds |", "|---|---|---|---|"]
+    for m in order:
+        label = m + (" — reported reference (best window)" if m == best_classical else "")
+        n = int(summary.loc[m, "n_seeds"]) if not deterministic(m) else "— (deterministic)"
+        lines.append(f"| {label} | {fmt(m, 'pixel_auroc')} | {fmt(m, 'image_auroc')} | {n} |")
+    per_cat = rows.groupby(["method", "category"])[["pixel_auroc", "image_auroc"]].mean().round(3)
+    cat_lines = ["| method | category | pixel AUROC | image AUROC |", "|---|---|---|---|"]
+    for (m, c), r in per_cat.iterrows():
+        if m.startswith("classical") and m != best_classical:
+            continue
+        cat_lines.append(f"| {m} | {c} | {r.pixel_auroc:.3f} | {r.image_auroc:.3f} |")
+    s = meta.get("settings", {})
+    pre = [f"- checkpoint: `{toy_path}` ({meta.get('arch', TOY_ARCH)}, seed {s.get('seed')})",
+           f"- {s.get('steps')} steps x batch {s.get('batch_size')} = {meta.get('images_seen')} generated images "
+           f"at {s.get('image_size')} px; held-out families: {', '.join(s.get('held_out_families', []))}",
+           f"- pretraining wall time: **{meta.get('seconds', float('nan')) / 60:.1f} min**, CPU time (user + system, "
+           f"all threads) {meta.get('cpu_seconds_process', float('nan')) / 60:.1f} min, torch threads {meta.get('threads')}",
+           f"- peak memory (max RSS of the pretraining process): **{meta.get('peak_rss_mb', float('nan')):.0f} MiB**"]
+    text = f"""# Toy CLIP transfer: random vs toy-pretrained CLIP vs a classical reference
+
+Zero-shot on the synthetic dataset's **unseen** categories ({', '.join(UNSEEN)}), held out of both the
+toy CLIP's pretraining (families and class words) and Bayes-PFL training (trained on the test split of the
+seen categories {', '.join(SEEN)}, as in the paper's protocol). Images at {args.image_size} px. Metrics are the
+unweighted means over the 4 categories; Bayes-PFL rows are mean ± std over training seeds {args.seeds}
+(sample std). Written by `benchmarks/toy_clip_transfer.py` in {seconds / 60:.0f} min.
+
+{chr(10).join(lines)}
+
+Target (issue 9): toy CLIP ≥ 0.85 pixel AUROC and ≥ 0.85 image AUROC, random backbone near chance (0.5),
+toy CLIP above the classical reference.
+
+## Pretraining (this machine)
+
+{chr(10).join(pre)}
+
+## Per category
+
+{chr(10).join(cat_lines)}
+
+## Machine
+
+{machine}
+
+## Bayes-PFL configs used (BayesPFLConfig.teaching + overrides; last seed shown)
+
+```json
+{json.dumps(configs, indent=1, default=str)}
+```
+"""
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

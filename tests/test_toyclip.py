@@ -1,0 +1,214 @@
+"""The toy CLIP (issue 9): caption-image generator, pretraining loss, checkpoint round-trip and resume."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from bpfl.toyclip import generator as G
+from bpfl.toyclip import pretrain as P
+from bpfl.toyclip import (DEFAULT_HELD_OUT, DEFECT_KINDS, FAMILIES, HELD_OUT_WORDS, consistency_matrix,
+                          default_toy_clip_path, ensure_toy_clip, pretrain_toy_clip, toy_sample, toy_stream)
+
+SIZE = 32  # tiny images keep the tests fast (a 4 x 4 patch grid for bpfl-toy)
+N = 120
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [toy_sample(0, i, SIZE) for i in range(N)]
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+# ------------------------------------------------------------------------------------------ generator
+def test_same_seed_same_samples_other_seed_differs(samples):
+    again = list(toy_stream(0, SIZE, start=0, stop=8))
+    for a, b in zip(samples[:8], again):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.text == b.text
+    other = [toy_sample(1, i, SIZE) for i in range(8)]
+    assert sum(np.array_equal(a.image, b.image) for a, b in zip(samples[:8], other)) == 0
+    assert [s.text for s in other] != [s.text for s in samples[:8]]
+    s = samples[0]
+    assert s.image.shape == (SIZE, SIZE, 3) and s.image.dtype == np.float32
+    assert 0.0 <= s.image.min() and s.image.max() <= 1.0 and s.mask.shape == (SIZE, SIZE) and s.mask.dtype == bool
+
+
+def test_captions_match_what_was_drawn(samples):
+    normal_words = set(G.NORMAL_ADJECTIVES) | {w for p in G.NORMAL_PHRASES for w in p.split()}
+    defect_words = set(G.DEFECT_ADJECTIVES) | {"defect", "damage"}
+    kind_words = {k: set(d.adjectives) | {p.split()[-1] for p in d.phrases} for k, d in DEFECT_KINDS.items()}
+    all_kind_words = set().union(*kind_words.values())
+    n_defect = n_state = 0
+    for s in samples:
+        words = _words(s.text)
+        assert s.mask.any() == (s.defect is not None), (s.text, s.defect)
+        assert (s.mask_soft > 0).any() == (s.defect is not None)
+        n_defect += s.defect is not None
+        c = s.caption
+        if c.state is None:  # material-only caption: no state word at all
+            assert not words & (normal_words | defect_words | all_kind_words), s.text
+        else:
+            n_state += 1
+            if s.defect is None:
+                assert c.state == "normal" and words & set(G.NORMAL_ADJECTIVES + ("defects", "damage")), s.text
+                assert not words & (set(G.DEFECT_ADJECTIVES) | all_kind_words), s.text
+            else:
+                assert c.state in (s.defect, "defect")
+                expected = kind_words[s.defect] if c.state == s.defect else defect_words
+                assert words & expected, (s.text, s.defect)
+                assert not words & set(G.NORMAL_ADJECTIVES), s.text
+        fam_words = set(FAMILIES[s.family].word.split())
+        assert fam_words.issubset(words) == (c.family is not None), s.text
+        if c.family is not None:
+            assert c.family == s.family and fam_words <= words
+        if c.colour is not None:
+            assert c.colour == s.colour and s.colour in words
+        other_colours = set(G.COLOURS) - {s.colour}
+        assert not words & other_colours, s.text  # no wrong colour word
+        assert G.caption_consistent(c, s.family, s.colour, s.defect)
+    assert 0.3 * N < n_defect < 0.7 * N and n_state > 0.5 * N  # p_defect = 0.5, most captions name a state
+
+
+def test_held_out_families_and_words_never_appear(samples, monkeypatch):
+    assert set(DEFAULT_HELD_OUT) == {"weave", "fibre", "grass", "gravel"}
+    assert {"woven", "fabric", "fibre", "grass", "gravel"} <= HELD_OUT_WORDS
+    for s in samples:
+        assert s.family not in DEFAULT_HELD_OUT
+        assert not _words(s.text) & HELD_OUT_WORDS, s.text
+    # foreign-texture defects are filled from allowed families only
+    drawn = []
+    real = G.render_surface
+    monkeypatch.setattr(G, "render_surface", lambda fam, *a, **k: drawn.append(fam) or real(fam, *a, **k))
+    for i in range(20):
+        toy_sample(3, i, SIZE, defects=["contamination"], p_defect=1.0)
+    assert len(drawn) >= 40 and not set(drawn) & set(DEFAULT_HELD_OUT)
+    # the held-out set is a parameter: holding out stripes removes them (and only they are dropped)
+    fams = {toy_sample(0, i, SIZE, held_out=("striped",)).family for i in range(300)}
+    assert "striped" not in fams and "grass" in fams
+    with pytest.raises(ValueError):
+        toy_sample(0, 0, SIZE, held_out=("no_such_family",))
+
+
+def test_consistency_matrix_semantics(samples):
+    C = consistency_matrix(samples[:24])
+    assert C.diagonal().all()
+    for i, si in enumerate(samples[:24]):
+        for j, sj in enumerate(samples[:24]):
+            c = sj.caption
+            if c.state == "normal" and si.defect is not None:
+                assert not C[i, j]
+            if c.family is not None and c.family != si.family:
+                assert not C[i, j]
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+def _settings(**kw):
+    base = dict(batch_size=8, image_size=SIZE, steps=4, warmup=1)
+    base.update(kw)
+    return P.PretrainSettings(**base)
+
+
+def test_a_few_steps_lower_the_contrastive_loss():
+    torch.manual_seed(0)
+    s = _settings()
+    clip, probes, tok = P.build_toy_model(s)
+    batch = P.make_batch(s, 0)
+    opt = torch.optim.AdamW(list(clip.parameters()) + list(probes.parameters()), lr=2e-3)
+
+    def losses():
+        return P.pretrain_losses(clip, probes, tok, batch, s, np.random.default_rng(0))
+    with torch.no_grad():
+        first = {k: float(v) for k, v in losses().items()}
+    for _ in range(20):
+        opt.zero_grad()
+        losses()["total"].backward()
+        opt.step()
+    with torch.no_grad():
+        last = {k: float(v) for k, v in losses().items()}
+    # multi-positive targets: the loss cannot go below the entropy of the target distributions
+    pos = batch["consistent"].float()
+    ent = lambda t: float(-(t * torch.log(t.clamp_min(1e-12))).sum(1).mean())  # noqa: E731
+    floor = 0.5 * (ent(pos / pos.sum(1, keepdim=True)) + ent((pos / pos.sum(0, keepdim=True)).t()))
+    assert np.isfinite(first["total"]) and first["clip"] > floor + 0.5
+    assert last["clip"] - floor < 0.8 * (first["clip"] - floor) and last["clip"] < first["clip"] - 0.25, (floor, first, last)
+    assert last["dense"] < first["dense"], (first, last)
+
+
+def test_checkpoint_roundtrip_local_dir_and_resume(tmp_path):
+    from bpfl.backbone import load_backbone
+
+    kw = dict(steps=4, batch_size=4, image_size=SIZE, progress=False, warmup=1, checkpoint_every=1)
+    full = pretrain_toy_clip(tmp_path / "full.pt", **kw)
+    assert full.finished and full.path.is_file() and full.steps_done == 4
+    sd = torch.load(full.path, weights_only=True)
+    assert "visual.conv1.weight" in sd and "logit_scale" in sd  # a plain open_clip state dict
+    meta = json.loads(full.path.with_suffix(".json").read_text())
+    assert meta["settings"]["held_out_families"] == list(DEFAULT_HELD_OUT) and meta["peak_rss_mb"] > 0
+    assert not P.train_state_path(full.path).exists()  # training state removed once finished
+
+    bb = load_backbone("bpfl-toy", pretrained=str(full.path), image_size=SIZE, layers=P.toy_layers(), device="cpu")
+    for k, v in bb.clip.state_dict().items():
+        if k in sd:
+            torch.testing.assert_close(v, sd[k], rtol=0, atol=0, msg=k)
+    big = load_backbone("bpfl-toy", pretrained=str(full.path), image_size=112, layers=P.toy_layers(), device="cpu")
+    assert big.grid_size == (14, 14)  # positional embedding resized from the 4 x 4 pretraining grid
+    torch.testing.assert_close(big.clip.visual.conv1.weight, sd["visual.conv1.weight"], rtol=0, atol=0)
+    ld = load_backbone(f"local-dir:{full.local_dir}", pretrained=None, image_size=SIZE, layers=P.toy_layers(),
+                       device="cpu")
+    torch.testing.assert_close(ld.encode_text(["a photo of a damaged surface."]),
+                               bb.encode_text(["a photo of a damaged surface."]))
+
+    # interrupted after 2 steps, then resumed: same weights as the uninterrupted run
+    part = pretrain_toy_clip(tmp_path / "resumed.pt", stop_at=2, **kw)
+    assert not part.finished and part.path is None and part.steps_done == 2
+    state = torch.load(P.train_state_path(tmp_path / "resumed.pt"), weights_only=False)
+    assert state["step"] == 2
+    with pytest.raises(ValueError, match="other settings"):
+        pretrain_toy_clip(tmp_path / "resumed.pt", **{**kw, "batch_size": 5})
+    done = pretrain_toy_clip(tmp_path / "resumed.pt", resume=True, **kw)
+    assert done.finished and done.steps_done == 4 and [h["step"] for h in done.history][-1] == 4
+    sd2 = torch.load(done.path, weights_only=True)
+    for k in sd:
+        torch.testing.assert_close(sd2[k], sd[k], rtol=1e-5, atol=1e-6, msg=k)
+    # a finished checkpoint with the same settings is not rebuilt
+    again = pretrain_toy_clip(tmp_path / "resumed.pt", resume=True, **kw)
+    assert again.finished and again.path == done.path
+
+
+def test_default_path_ensure_and_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("BPFL_CACHE", str(tmp_path / "cache"))
+    p = default_toy_clip_path()
+    assert p == tmp_path / "cache" / "toyclip" / "bpfl-toy-seed0.pt"
+    assert ensure_toy_clip() is None
+    assert P.main(["--out", str(p), "--steps", "2", "--batch-size", "4", "--image-size", str(SIZE),
+                   "--no-progress", "--checkpoint-every", "0"]) == 0
+    assert ensure_toy_clip() == p and p.is_file()
+    over = P.toy_bayespfl_overrides(p)
+    assert over["backbone"] == "bpfl-toy" and over["image_size"] == 112 and len(over["layers"]) == 4
+
+
+def test_stream_dataset_batches_are_the_stream():
+    from torch.utils.data import DataLoader
+
+    from bpfl.toyclip import ToyCaptionStream
+    ds = ToyCaptionStream(seed=0, batch_size=3, image_size=SIZE, n_batches=2)
+    batches = list(DataLoader(ds, batch_size=None))
+    assert len(batches) == 2 and batches[1]["image"].shape == (3, 3, SIZE, SIZE)
+    assert batches[1]["caption"] == [toy_sample(0, 3 + i, SIZE).text for i in range(3)]
+    assert batches[0]["mask"].dtype == torch.bool and batches[0]["consistent"].diagonal().all()
+
+
+def test_zero_shot_maps_shapes(tmp_path):
+    from bpfl.backbone import load_backbone
+    from bpfl.toyclip import zero_shot_maps
+    torch.manual_seed(0)
+    bb = load_backbone("bpfl-toy", None, image_size=SIZE, layers=P.toy_layers(), device="cpu")
+    maps, scores = zero_shot_maps(bb, torch.randn(2, 3, SIZE, SIZE), class_names=["grass", "woven_fabric"])
+    assert maps.shape == (2, SIZE, SIZE) and scores.shape == (2,)
+    assert 0 <= float(maps.min()) and float(maps.max()) <= 1 and 0 <= float(scores.min()) <= float(scores.max()) <= 2
