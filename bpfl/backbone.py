@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import open_clip
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
@@ -213,6 +214,80 @@ class ClipBackbone(nn.Module):
             x = clip.transformer(x, attn_mask=mask)
             x = clip.ln_final(x)
             x = x[torch.arange(n, device=x.device), eot_positions]
+            proj = clip.text_projection
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return x.float()
+
+    @property
+    def supports_shared_prefix(self) -> bool:
+        """Whether :meth:`encode_shared_prefix` can run this text tower exactly: a causal mask and open_clip's
+        standard pre-norm blocks (``ResidualAttentionBlock`` with a packed ``nn.MultiheadAttention``)."""
+        clip = self.clip
+        if getattr(clip, "attn_mask", None) is None or not hasattr(clip, "transformer"):
+            return False
+        for blk in clip.transformer.resblocks:
+            attn = getattr(blk, "attn", None)
+            if (not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None or
+                    hasattr(blk, "ln_1_kv") or not all(hasattr(blk, a) for a in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))):
+                return False
+        return True
+
+    def encode_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor, parent: torch.Tensor,
+                             eot_in_suffix: torch.Tensor) -> torch.Tensor:
+        """Text transformer on sequences ``cat(prefix[parent[i]], suffix[i])`` -> projected EOT features [n, C].
+
+        ``prefix`` [m, Lp, D] and ``suffix`` [n, Ls, D] are token embeddings (no positional embedding);
+        ``parent`` [n] long, which prefix each sequence starts with; ``eot_in_suffix`` [n], the EOT position
+        counted from the start of the suffix. Because the text mask is causal, a prefix's hidden states do not
+        depend on what follows it: they are computed once per prefix (not once per sequence), and the suffix
+        tokens attend to the cached prefix keys/values of every block. In the last block only the EOT query is
+        computed (nothing else is read). The result equals :meth:`encode_token_embeddings` on the concatenated
+        sequences up to float rounding (tested). Used for the normal/abnormal prompt pairs, which share
+        ``[SOT][context]`` (Eq. 8: both banks add the same context sample).
+        """
+        clip = self.clip
+        m, lp, _ = prefix.shape
+        n, ls, _ = suffix.shape
+        dev = prefix.device
+        parent = parent.to(dev).long()
+        eot = eot_in_suffix.to(dev).long()
+        rows = torch.arange(n, device=dev)
+        cast = clip.transformer.get_cast_dtype()
+        blocks = list(clip.transformer.resblocks)
+        # suffix queries see every prefix position and the causal part of the suffix
+        mask = torch.ones(ls, lp + ls, dtype=torch.bool, device=dev)
+        mask[:, lp:] = torch.ones(ls, ls, dtype=torch.bool, device=dev).tril()
+
+        def heads(t: torch.Tensor, h: int) -> torch.Tensor:  # [b, L, D] -> [b, h, L, D/h]
+            return t.unflatten(-1, (h, -1)).transpose(1, 2)
+
+        def merge(t: torch.Tensor) -> torch.Tensor:  # [b, h, L, d] -> [b, L, h*d]
+            return t.transpose(1, 2).flatten(2)
+
+        with autocast_context(self.device, self.precision):
+            pos = clip.positional_embedding.to(cast)
+            xp = prefix.to(cast) + pos[:lp]
+            xs = suffix.to(cast) + pos[lp:lp + ls]
+            for i, blk in enumerate(blocks):
+                a = blk.attn
+                h = a.num_heads
+                qp, kp, vp = F.linear(blk.ln_1(xp), a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
+                qs, ks, vs = F.linear(blk.ln_1(xs), a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
+                keys = torch.cat([heads(kp, h)[parent], heads(ks, h)], dim=2)
+                values = torch.cat([heads(vp, h)[parent], heads(vs, h)], dim=2)
+                if i < len(blocks) - 1:
+                    ap = F.scaled_dot_product_attention(heads(qp, h), heads(kp, h), heads(vp, h), is_causal=True)
+                    xp = xp + blk.ls_1(a.out_proj(merge(ap)))
+                    xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
+                    at = F.scaled_dot_product_attention(heads(qs, h), keys, values, attn_mask=mask)
+                    xs = xs + blk.ls_1(a.out_proj(merge(at)))
+                    xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
+                else:  # last block: only the EOT row is read
+                    q = heads(qs[rows, eot][:, None], h)  # [n, h, 1, d]
+                    at = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[eot][:, None, None])
+                    x = xs[rows, eot][:, None] + blk.ls_1(a.out_proj(merge(at)))
+                    xs = (x + blk.ls_2(blk.mlp(blk.ln_2(x))))[:, 0]
+            x = clip.ln_final(xs if len(blocks) else xs[rows, eot])
             proj = clip.text_projection
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return x.float()

@@ -243,7 +243,8 @@ class BayesPFL(nn.Module):
         N = len(class_names)
         if learned.shape[0] != N:
             learned = learned.expand(N, *learned.shape[1:])
-        return encode_prompts(self.backbone, learned, class_tokens(self.backbone, class_names))
+        return encode_prompts(self.backbone, learned, class_tokens(self.backbone, class_names),
+                              shared_context=self.prompts.n_context)
 
     def text_branch(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Scaled similarities of x with every prompt: [N, 2, R, B]; s_text = mean of their softmax."""

@@ -7,8 +7,9 @@ A prompt of bank b for state s in {normal, abnormal} is the token sequence
 The context vectors E are shared by both banks; S^n and S^a are the learnable state vectors. The class words
 come from tokenising ``"X " + class name``: the placeholder X (position 1) is replaced by the P + Q learned
 vectors, exactly where the released code splices them. All 2·B·R prompts of all N images of a batch are
-encoded in **one** batched text-transformer pass, truncated after the last EOT (see
-:meth:`bpfl.backbone.ClipBackbone.encode_token_embeddings`).
+encoded in **one** batched text-transformer pass, truncated after the last EOT; the normal and abnormal prompt of
+a pair share ``[SOT][E + phi^e_r]``, which the causal text tower then computes once for both (see
+:meth:`bpfl.backbone.ClipBackbone.encode_shared_prefix`; equal to the plain pass up to float rounding).
 """
 from __future__ import annotations
 
@@ -118,24 +119,38 @@ def class_tokens(backbone: ClipBackbone, class_names: Sequence[str]) -> ClassTok
 
 
 def encode_prompts(backbone: ClipBackbone, learned: torch.Tensor, tokens: ClassTokens,
-                   truncate: bool = True) -> torch.Tensor:
+                   truncate: bool = True, shared_context: int = 0) -> torch.Tensor:
     """Encode every prompt of a batch in one text pass.
 
     ``learned``: [N, 2, R, B, P+Q, D] from :meth:`PromptBanks.fuse`; ``tokens`` from :func:`class_tokens`.
+    ``shared_context``: how many leading learned tokens are the same in the normal and the abnormal prompt of
+    each (image, sample, bank) -- P for the Bayes-PFL banks, whose context E + phi^e_r is shared (Eq. 8). With
+    ``truncate``, a causal text tower and open_clip's standard blocks, ``[SOT][those tokens]`` is then encoded
+    once per pair and the two prompts continue from its cached keys/values
+    (:meth:`~bpfl.backbone.ClipBackbone.encode_shared_prefix`); the result is the same up to float rounding.
     Returns L2-normalised text embeddings [N, 2, R, B, C].
     """
     N, S, R, B, M, D = learned.shape
     n = N * S * R * B
     length = backbone.context_length
-    seq_learned = learned.reshape(n, M, D)
-    expand = lambda t: t[:, None].expand(N, S * R * B, *t.shape[1:]).reshape(n, *t.shape[1:])  # noqa: E731
+    expand = lambda t, k: t[:, None].expand(N, k, *t.shape[1:]).reshape(N * k, *t.shape[1:])  # noqa: E731
     rest = tokens.rest
     if truncate:  # only up to the last EOT: the causal text transformer never looks further
         rest = rest[:, :int(tokens.eot.max()) - 1]
-    seq = torch.cat([expand(tokens.sot).to(seq_learned.dtype), seq_learned,
-                     expand(rest).to(seq_learned.dtype)], dim=1)[:, :length]
     eot = (tokens.eot + M - 1)[:, None].expand(N, S * R * B).reshape(n)
     if int(eot.max()) >= length:
         raise ValueError(f"class name too long: with {M} learned tokens the prompt exceeds {length} tokens")
-    feats = backbone.encode_token_embeddings(seq, eot, truncate=truncate)
+    dtype = learned.dtype
+    if truncate and backbone.supports_shared_prefix:
+        k = max(0, min(int(shared_context), M)) if S == 2 else 0
+        # prefix [SOT][first k learned tokens] once per (image, sample, bank); index n*R*B + r*B + b
+        prefix = torch.cat([expand(tokens.sot, R * B).to(dtype),
+                            learned[:, 0, :, :, :k].reshape(N * R * B, k, D)], dim=1)
+        suffix = torch.cat([learned[..., k:, :].reshape(n, M - k, D), expand(rest, S * R * B).to(dtype)], dim=1)
+        parent = torch.arange(N * R * B, device=learned.device).reshape(N, 1, R * B).expand(N, S, R * B).reshape(n)
+        feats = backbone.encode_shared_prefix(prefix, suffix, parent, eot - (1 + k))
+    else:
+        seq = torch.cat([expand(tokens.sot, S * R * B).to(dtype), learned.reshape(n, M, D),
+                         expand(rest, S * R * B).to(dtype)], dim=1)[:, :length]
+        feats = backbone.encode_token_embeddings(seq, eot, truncate=truncate)
     return F.normalize(feats, dim=-1).reshape(N, S, R, B, -1)

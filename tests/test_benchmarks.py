@@ -26,7 +26,8 @@ def test_bench_inference_smoke_equalities(tmp_path):
     finally:
         torch.set_num_threads(threads)
     checks = res["checks"]
-    expected = {"text: kit == reference", "e2e R=1: kit maps == reference maps",
+    expected = {"text: kit == reference", "text: kit (prefix not shared) == reference",
+                "e2e R=1: kit maps == reference maps",
                 "e2e R=2: kit maps == reference maps", "train: kit loss == reference loss (relative)",
                 "metrics: exact == sklearn"}
     assert expected <= set(checks), sorted(checks)

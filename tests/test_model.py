@@ -64,6 +64,47 @@ def test_batched_prompt_encoding_equals_one_prompt_at_a_time(tiny_backbone):
                     torch.testing.assert_close(batched[n, s, r, b], F.normalize(ref, dim=-1)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shared", [0, 3])
+def test_shared_prefix_encoding_equals_full_sequences_values_and_gradients(tiny_backbone, shared):
+    """[SOT][context] computed once per normal/abnormal pair (KV cache, EOT-only last block) == full pass."""
+    torch.manual_seed(0)
+    bb = tiny_backbone
+    assert bb.supports_shared_prefix
+    banks = PromptBanks(2, 3, 2, bb.text_width)
+    phi = torch.randn(3, 2, bb.text_width)
+    names = ["bottle", "printed circuit board"]  # different EOT positions within one batch
+    tokens = class_tokens(bb, names)
+    weights = torch.randn(2, 2, 3, 2, bb.embed_dim)
+
+    def run(**kw):
+        banks.zero_grad()
+        out = encode_prompts(bb, banks.fuse(phi, phi * 0.5, -phi), tokens, **kw)
+        (out * weights).sum().backward()
+        return out.detach(), [p.grad.clone() for p in banks.parameters()]
+
+    ref, ref_grads = run(truncate=False)  # full 77-token sequences through open_clip's own blocks
+    out, grads = run(shared_context=shared)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    # the prefix really is shared: one pair's abnormal prompt changes only its own output
+    learned = banks.fuse(phi, phi * 0.5, -phi).detach().clone()
+    learned[0, 1, 0, 0, shared:] += torch.randn_like(learned[0, 1, 0, 0, shared:])  # (a constant would vanish in LN)
+    changed = encode_prompts(bb, learned, tokens, shared_context=shared)
+    diff = (changed - out).abs().amax(-1)
+    assert diff[0, 1, 0, 0] > 1e-3 and diff.flatten().topk(2).values[1] < 1e-5
+
+
+def test_shared_prefix_falls_back_without_a_causal_mask(tiny_backbone, monkeypatch):
+    bb = tiny_backbone
+    monkeypatch.setattr(type(bb), "supports_shared_prefix", property(lambda self: False))
+    called = []
+    monkeypatch.setattr(type(bb), "encode_shared_prefix", lambda *a, **k: called.append(1))
+    learned = PromptBanks(1, 2, 2, bb.text_width).fuse(None, None, None)
+    out = encode_prompts(bb, learned, class_tokens(bb, ["bottle"]), shared_context=2)
+    assert out.shape == (1, 2, 1, 1, bb.embed_dim) and not called
+
+
 # ------------------------------------------------------------------------------------------ RCA
 def test_rca_shape_and_zero_weight_gives_residual_plus_mean():
     torch.manual_seed(0)
