@@ -477,7 +477,8 @@ def load_backbone(name: str = "ViT-L-14-336", pretrained: str | None = "openai",
     if name.startswith("local-dir:"):
         clip = open_clip.create_model(name, **kwargs, cache_dir=cache_dir)  # the folder's config decides GELU
     elif file_path is not None:
-        clip = open_clip.create_model(name, pretrained=None, **kwargs)
+        with _without_random_init_warning():  # the weights are loaded from the file right below
+            clip = open_clip.create_model(name, pretrained=None, **kwargs)
         load_state_dict_into(clip, file_path)
     elif pretrained is not None:  # a tag that is downloadable right now
         clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
@@ -487,6 +488,20 @@ def load_backbone(name: str = "ViT-L-14-336", pretrained: str | None = "openai",
     tokenizer = open_clip.get_tokenizer(name)
     return ClipBackbone(clip, tokenizer, name=name, pretrained=pretrained, layers=layers,
                         image_size=image_size, precision=precision)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger) while
+    building an architecture whose weights come from a file next: the message would be false."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def build_clip(name: str, image_size: int | None = None, quick_gelu: bool = False) -> nn.Module:

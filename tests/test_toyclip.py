@@ -167,7 +167,7 @@ def test_checkpoint_roundtrip_local_dir_and_resume(tmp_path):
     # interrupted after 2 steps, then resumed: same weights as the uninterrupted run
     part = pretrain_toy_clip(tmp_path / "resumed.pt", stop_at=2, **kw)
     assert not part.finished and part.path is None and part.steps_done == 2
-    state = torch.load(P.train_state_path(tmp_path / "resumed.pt"), weights_only=False)
+    state = torch.load(P.train_state_path(tmp_path / "resumed.pt"), weights_only=True)
     assert state["step"] == 2
     with pytest.raises(ValueError, match="other settings"):
         pretrain_toy_clip(tmp_path / "resumed.pt", **{**kw, "batch_size": 5})
@@ -212,3 +212,62 @@ def test_zero_shot_maps_shapes(tmp_path):
     maps, scores = zero_shot_maps(bb, torch.randn(2, 3, SIZE, SIZE), class_names=["grass", "woven_fabric"])
     assert maps.shape == (2, SIZE, SIZE) and scores.shape == (2,)
     assert 0 <= float(maps.min()) and float(maps.max()) <= 1 and 0 <= float(scores.min()) <= float(scores.max()) <= 2
+
+
+# ------------------------------------------------------------------------------------------ transfer pieces
+def test_classical_map_is_affine_invariant_and_finds_a_planted_patch():
+    from bpfl.metrics import roc_auc
+    from bpfl.toyclip.transfer import classical_map
+
+    rng = np.random.default_rng(0)
+    img = (0.5 + 0.05 * rng.standard_normal((48, 48, 3))).astype(np.float32)
+    mask = np.zeros((48, 48), bool)
+    mask[20:28, 10:18] = True
+    img[mask] += np.array([0.3, -0.2, 0.1], np.float32)  # a shifted colour: the local mean deviates there
+    m = classical_map(img, 1.0)
+    assert m.shape == (48, 48) and np.isfinite(m).all()
+    assert roc_auc(mask.ravel(), m.ravel()) > 0.95
+    # robust z-scores: a per-channel gain and offset leaves the map almost unchanged (up to the MAD floor 1e-3)
+    m2 = classical_map(img * np.array([2.0, 0.7, 1.3], np.float32) + 0.1, 1.0)
+    np.testing.assert_allclose(m2, m, rtol=0.1)
+    assert np.corrcoef(m.ravel(), m2.ravel())[0, 1] > 0.999
+
+
+def test_compare_backbones_trains_both_and_returns_table_and_maps(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from bpfl.data import make_synthetic_dataset
+    from bpfl.toyclip.transfer import RANDOM_NAME, TOY_NAME, compare_backbones
+
+    toy = pretrain_toy_clip(tmp_path / "toy.pt", steps=2, batch_size=4, image_size=SIZE, progress=False,
+                            checkpoint_every=0).path
+    root = tmp_path / "syn"
+    make_synthetic_dataset(root, seed=0, preset="tiny")
+    cmp = compare_backbones(toy, root, tmp_path / "runs", seeds=(0,), epochs=1, image_size=64, n_show=2)
+    assert list(cmp.table.index[:2]) == [RANDOM_NAME, TOY_NAME] and cmp.table.index[2].startswith("classical")
+    vals = cmp.table[["pixel AUROC", "image AUROC"]].to_numpy()
+    assert np.isfinite(vals).all() and (vals >= 0).all() and (vals <= 1).all()
+    assert set(cmp.rows.category) == {"grass", "gravel", "woven_fabric", "fibre"}
+    for name in (RANDOM_NAME, TOY_NAME):
+        assert len(cmp.maps[name]) == 2 and cmp.maps[name][0].shape == (64, 64)
+    # different backbones, different maps
+    assert not np.allclose(cmp.maps[RANDOM_NAME][0], cmp.maps[TOY_NAME][0])
+    fig = cmp.figure()
+    assert len(fig.axes) == 4 * 2
+
+
+def test_loading_a_checkpoint_file_does_not_claim_random_weights(tmp_path, caplog):
+    """open_clip logs "initialized randomly" while building the architecture; with a file it would be false."""
+    import logging
+
+    from bpfl.backbone import load_backbone
+
+    path = pretrain_toy_clip(tmp_path / "t.pt", steps=1, batch_size=2, image_size=SIZE, progress=False,
+                             checkpoint_every=0).path
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_backbone("bpfl-toy", pretrained=str(path), image_size=SIZE, layers=P.toy_layers(), device="cpu")
+    assert "initialized randomly" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        load_backbone("bpfl-toy", pretrained=None, image_size=SIZE, layers=P.toy_layers(), device="cpu")
+    assert "initialized randomly" in caplog.text  # still said when it is true

@@ -386,13 +386,46 @@ HELD_OUT_WORDS = held_out_words(DEFAULT_HELD_OUT)
 assert set(DEFAULT_HELD_OUT) == {CATEGORY_FAMILY[c] for c in SYNTHETIC_GROUPS["unseen"]}
 
 
-def render_surface(family: str, colour: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One defect-free surface [size, size, 3] float32 in [0, 1] with slow lighting variation."""
+#: families whose fine detail is overlaid on other surfaces (irregular, "natural" texture)
+DETAIL_FAMILIES = ("mottled", "sand", "crumpled", "grainy", "concrete")
+
+
+def _warp(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Domain warping: displace the pattern by a smooth random field (irregular, hand-made look)."""
+    from scipy.ndimage import map_coordinates
+    s = t.shape[0]
+    amp = rng.uniform(0.5, 4.0) * s / 64.0
+    res = rng.uniform(2, 6)
+    dy = amp * perlin((s, s), res, rng)
+    dx = amp * perlin((s, s), res, rng)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    return map_coordinates(t, [yy + dy, xx + dx], order=1, mode="reflect").astype(np.float32)
+
+
+def render_surface(family: str, colour: str, rng: np.random.Generator, size: int,
+                   variation: bool = True) -> np.ndarray:
+    """One defect-free surface [size, size, 3] float32 in [0, 1] with slow lighting variation.
+
+    ``variation``: sometimes warp the pattern (domain warping) and overlay the fine detail of a second,
+    irregular family, so that every family also comes in less regular, more natural-looking versions.
+    """
     fam = FAMILIES[family]
     if fam.rgb:
         img = fam.pattern(rng, size)
     else:
-        img = colourise(fam.pattern(rng, size), colour, rng)
+        t = fam.pattern(rng, size)
+        if variation and rng.random() < 0.6:
+            t = _warp(t, rng)
+        if variation and rng.random() < 0.5:
+            detail = DETAIL_FAMILIES[int(rng.integers(len(DETAIL_FAMILIES)))]
+            d = FAMILIES[detail].pattern(rng, size)
+            t = np.clip(t * (1.0 + rng.uniform(0.2, 0.6) * (d - d.mean()) / (d.std() + 1e-6) * 0.5), 0, 1)
+        img = colourise(t, colour, rng)
+        if variation and rng.random() < 0.3:  # a slowly varying second hue (multi-coloured surfaces)
+            other = colourise(t, list(COLOURS)[int(rng.integers(len(COLOURS)))], rng)
+            w = np.clip(0.5 + perlin((size, size), rng.uniform(1, 4), rng, octaves=2), 0, 1)
+            w = (w * rng.uniform(0.3, 0.6))[..., None].astype(np.float32)  # the named colour stays dominant
+            img = img * (1 - w) + other * w
     light = 1.0 + rng.uniform(0.0, 0.12) * perlin((size, size), rng.uniform(0.5, 2.0), rng)
     img = img * light[..., None].astype(np.float32)
     return _tex._jitter_color(np.clip(img, 0, 1), rng, 0.04)

@@ -1,0 +1,209 @@
+"""Random vs toy-pretrained CLIP vs a classical reference on unseen categories (issue 9): the pieces.
+
+Used by ``benchmarks/toy_clip_transfer.py`` (the measured table) and by notebook 04's backbone comparison.
+
+* :func:`classical_map` / :func:`classical_reference` -- a training-free local-statistics detector: per-pixel
+  robust z-scores of the local mean and standard deviation (Gaussian window ``sigma``) against the image's own
+  median statistics, summed over channels; image score = mean of the top 1 % of the map.
+* :func:`training_free_reference` -- the toy CLIP alone (:func:`bpfl.toyclip.zero_shot_maps`), no Bayes-PFL.
+* :func:`train_and_evaluate` -- Bayes-PFL trained on seen categories, evaluated zero-shot, once per seed.
+* :func:`summarize` -- category mean per (method, seed), then mean ± std over seeds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import metrics as M
+from .zeroshot import zero_shot_maps
+
+
+def classical_map(img: np.ndarray, sigma: float) -> np.ndarray:
+    """img [H, W, 3] in [0, 1] -> map [H, W]: robust z-scores of local mean and std vs the image's own."""
+    from scipy.ndimage import gaussian_filter
+    img = img.astype(np.float64)
+    mu = gaussian_filter(img, (sigma, sigma, 0))
+    sd = np.sqrt(np.clip(gaussian_filter(img * img, (sigma, sigma, 0)) - mu * mu, 0, None))
+    score = np.zeros(img.shape[:2])
+    for f in (mu, sd):
+        flat = f.reshape(-1, 3)
+        med = np.median(flat, axis=0)
+        mad = np.median(np.abs(flat - med), axis=0) * 1.4826 + 1e-3
+        score += (np.abs(f - med) / mad).sum(-1)
+    return score.astype(np.float32)
+
+
+def classical_reference(ds, sigmas=(1.0, 2.0, 4.0), top: float = 0.01) -> pd.DataFrame:
+    """Per category and sigma: pixel AUROC and image AUROC of the classical map on ``ds`` (normalize=False)."""
+    rows = []
+    for cat, idx in ds.by_category().items():
+        items = [ds[i] for i in idx]
+        imgs = [it["image"].permute(1, 2, 0).numpy() for it in items]
+        masks = np.stack([np.nan_to_num(it["mask"].numpy()) > 0.5 for it in items])
+        labels = np.array([it["label"] for it in items])
+        for s in sigmas:
+            maps = np.stack([classical_map(im, s) for im in imgs])
+            flat = maps.reshape(len(maps), -1)
+            k = max(1, int(top * flat.shape[1]))
+            img_score = np.sort(flat, axis=1)[:, -k:].mean(1)
+            rows.append({"method": f"classical (sigma={s:g})", "sigma": s, "seed": 0, "category": cat,
+                         "pixel_auroc": M.roc_auc(masks.ravel(), maps.ravel()),
+                         "image_auroc": M.roc_auc(labels, img_score)})
+    return pd.DataFrame(rows)
+
+
+def training_free_reference(backbone, ds, name: str) -> pd.DataFrame:
+    """(iv) the toy CLIP alone: patch tokens vs "flawless"/"damaged" prompts, no Bayes-PFL training."""
+    from ..data import collate
+    rows = []
+    for cat, idx in ds.by_category().items():
+        batch = collate([ds[i] for i in idx])
+        maps, scores = zero_shot_maps(backbone, batch["image"])
+        masks = np.nan_to_num(batch["mask"].numpy()) > 0.5
+        rows.append({"method": name, "seed": 0, "category": cat,
+                     "pixel_auroc": M.roc_auc(masks.ravel(), maps.numpy().ravel()),
+                     "image_auroc": M.roc_auc(batch["label"].numpy(), scores.numpy())})
+    return pd.DataFrame(rows)
+
+
+def train_and_evaluate(name: str, backbone, overrides: dict, train_ds, test_ds, seeds, out_dir: Path,
+                       epochs: int | None = None, progress: bool = False) -> tuple[pd.DataFrame, dict, list]:
+    """Per seed: Bayes-PFL (``BayesPFLConfig.teaching(**overrides)``) trained on ``train_ds``, evaluated on
+    ``test_ds``. Returns rows (method=name, seed, category, pixel/image AUROC and AP, train seconds), the last
+    seed's config and the trained models (one per seed)."""
+    from ..config import BayesPFLConfig
+    from ..evaluate import evaluate
+    from ..model import BayesPFL
+    from ..train import train
+    rows, models = [], []
+    cfg = None
+    for seed in seeds:
+        cfg = BayesPFLConfig.teaching(**{**overrides, "seed": seed, **({"epochs": epochs} if epochs else {})})
+        torch.manual_seed(seed)
+        model = BayesPFL(cfg, backbone=backbone)
+        t0 = time.perf_counter()
+        train(model, train_ds, out_dir / f"{name}-seed{seed}", progress=progress)
+        t_train = time.perf_counter() - t0
+        res = evaluate(model, test_ds, seed=seed, progress=False)
+        models.append(model)
+        scores = res.scores.groupby("category")
+        for cat, r in res.per_category.items():
+            g = scores.get_group(cat)  # which branch of s = s_text + max(M) separates the images
+            rows.append({"method": name, "seed": seed, "category": cat, "pixel_auroc": r["pixel_auroc"],
+                         "image_auroc": r["image_auroc"], "pixel_ap": r.get("pixel_ap"),
+                         "image_ap": r.get("image_ap"),
+                         "image_auroc_s_text_only": M.roc_auc(g.label.to_numpy(), g.text_score.to_numpy()),
+                         "image_auroc_max_map_only": M.roc_auc(g.label.to_numpy(), g.map_max.to_numpy()),
+                         "train_seconds": round(t_train, 1)})
+        print(f"[bench] {name} seed {seed}: pixel AUROC {res.mean('pixel_auroc'):.3f}, image AUROC "
+              f"{res.mean('image_auroc'):.3f} (train {t_train:.0f} s)", flush=True)
+    return pd.DataFrame(rows), cfg.to_dict(), models
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Category mean per (method, seed), then mean ± std over seeds."""
+    per_seed = df.groupby(["method", "seed"])[["pixel_auroc", "image_auroc"]].mean()
+    g = per_seed.groupby("method")
+    out = pd.DataFrame({"pixel_auroc_mean": g["pixel_auroc"].mean(), "pixel_auroc_std": g["pixel_auroc"].std(ddof=1),
+                        "image_auroc_mean": g["image_auroc"].mean(), "image_auroc_std": g["image_auroc"].std(ddof=1),
+                        "n_seeds": g.size()})
+    return out.fillna({"pixel_auroc_std": 0.0, "image_auroc_std": 0.0})
+
+
+# ------------------------------------------------------------------------------------------ comparison
+#: method names used in the tables
+RANDOM_NAME = "Bayes-PFL, random bpfl-toy"
+TOY_NAME = "Bayes-PFL, toy CLIP"
+
+
+@dataclass
+class BackboneComparison:
+    """:func:`compare_backbones`' result: per-seed rows, the summary table and example maps of both backbones."""
+
+    rows: pd.DataFrame
+    table: pd.DataFrame
+    images: list  # CLIP-normalised [3, S, S] tensors of the examples
+    masks: list  # [S, S] ground-truth masks
+    titles: list[str]
+    maps: dict[str, list]  # method -> one [S, S] map per example (first seed's model)
+
+    def figure(self, title: str = "random vs toy-pretrained CLIP on unseen categories"):
+        """Rows: image, ground truth, then one overlay row per backbone (fixed colour scale 0-1)."""
+        import matplotlib.pyplot as plt
+
+        from ..viz import overlay, to_display_image
+
+        n, names = len(self.images), list(self.maps)
+        fig, axes = plt.subplots(2 + len(names), n, figsize=(2.1 * n, 2.1 * (2 + len(names))), squeeze=False)
+        for j in range(n):
+            axes[0, j].imshow(to_display_image(self.images[j]))
+            axes[0, j].set_title(self.titles[j], fontsize=8)
+            axes[1, j].imshow(np.nan_to_num(np.asarray(self.masks[j], dtype=float)), cmap="gray", vmin=0, vmax=1)
+            for i, m in enumerate(names):
+                axes[2 + i, j].imshow(overlay(self.images[j], self.maps[m][j]))
+        for i, lab in enumerate(["image", "ground truth"] + [m.replace("Bayes-PFL, ", "") for m in names]):
+            axes[i, 0].set_ylabel(lab, fontsize=8)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        return fig
+
+
+def compare_backbones(toy_path: str | Path, data_root: str | Path, out_dir: str | Path, seeds=(0,),
+                      epochs: int | None = None, image_size: int | None = None, n_show: int = 4,
+                      overrides: dict | None = None, progress: bool = False) -> BackboneComparison:
+    """The same Bayes-PFL recipe on a random ``bpfl-toy`` and on the toy CLIP at ``toy_path``: trained on the
+    synthetic dataset's *seen* categories, evaluated zero-shot on its *unseen* ones (held out of both trainings),
+    plus the classical reference's best window; maps of ``n_show`` anomalous unseen images from each backbone."""
+    from ..backbone import load_backbone
+    from ..data import SYNTHETIC_GROUPS, collate, open_dataset
+    from ..evaluate import predict_dataset
+    from ..notebook import pick_examples
+    from .pretrain import TOY_ARCH, TOY_IMAGE_SIZE, toy_layers
+
+    size = image_size or TOY_IMAGE_SIZE
+    layers = toy_layers(TOY_ARCH)
+    train_ds = open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["seen"], image_size=size)
+    test_ds = open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["unseen"], image_size=size)
+    base = dict(backbone=TOY_ARCH, image_size=size, layers=layers, **(overrides or {}))
+    torch.manual_seed(0)
+    backbones = {RANDOM_NAME: (load_backbone(TOY_ARCH, None, image_size=size, layers=layers), None),
+                 TOY_NAME: (load_backbone(TOY_ARCH, str(toy_path), image_size=size, layers=layers), str(toy_path))}
+    idx = pick_examples(test_ds, n_show)
+    frames, maps, shown = [], {}, None
+    for name, (bb, pretrained) in backbones.items():
+        df, _, models = train_and_evaluate(name, bb, {**base, "pretrained": pretrained}, train_ds, test_ds,
+                                           list(seeds), Path(out_dir), epochs, progress)
+        frames.append(df)
+        pairs = list(predict_dataset(models[0], test_ds, idx, progress=False))
+        maps[name] = [m for _, o in pairs for m in o.anomaly_map.numpy()]
+        shown = collate([test_ds[i] for i in idx])
+    cl = classical_reference(open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["unseen"],
+                                          image_size=size, normalize=False))
+    best = cl.groupby("method")["pixel_auroc"].mean().idxmax()
+    frames.append(cl[cl.method == best])
+    rows = pd.concat(frames, ignore_index=True)
+    s = summarize(rows)
+    table = pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean, "image AUROC": s.image_auroc_mean,
+                          "seeds": s.n_seeds}).loc[[RANDOM_NAME, TOY_NAME, best]].round(3)
+    return BackboneComparison(rows, table, list(shown["image"]), list(shown["mask"]),
+                              list(shown["class_name"]), maps)
+
+
+def measured_table(path: str | Path | None = None) -> pd.DataFrame | None:
+    """The committed measurement of ``benchmarks/toy_clip_transfer.py`` (``benchmarks/results/toy_clip_transfer.csv``)
+    summarised per method (mean ± std over seeds), or None where the file is absent (e.g. an installed package)."""
+    p = Path(path) if path else Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "toy_clip_transfer.csv"
+    if not p.is_file():
+        return None
+    s = summarize(pd.read_csv(p))
+    return pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean.round(3), "± (seeds)": s.pixel_auroc_std.round(3),
+                         "image AUROC": s.image_auroc_mean.round(3), "± (seeds) ": s.image_auroc_std.round(3),
+                         "seeds": s.n_seeds})
