@@ -78,3 +78,23 @@ def test_fused_focal_dice_equals_the_per_map_losses_and_their_autograd():
         L.FUSED_CHUNK_ELEMENTS = old
     torch.testing.assert_close(f, torch.stack([L.focal_loss(p[:, k], t, balanced=True) for k in range(4)]))
     torch.testing.assert_close(d, torch.stack([L.dice_loss(p[:, k], t) for k in range(4)]))
+
+
+def test_readme_quotes_the_committed_vitl_table():
+    """The README's performance section quotes the ratios of benchmarks/results (issue 6), not guesses."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "benchmarks" / "results" / "inference_vitl14-336-518px-cpu.md").read_text()
+    readme = (root / "README.md").read_text()
+    perf = readme[readme.index("## Performance"):readme.index("## Notebooks")]
+    measured = {}
+    for line in table.splitlines():
+        m = re.match(r"\| (text side|end-to-end R=10|training step) .*? \| ([0-9.]+)x", line)
+        if m:
+            measured[m.group(1)] = m.group(2)
+    assert set(measured) == {"text side", "end-to-end R=10", "training step"}, measured
+    for key, value in measured.items():
+        assert f"{value}×" in perf, (key, value)
+    if "NOT met" in table.split("## a.")[0]:
+        assert "not met" in perf.lower(), "a target is not met in the committed table: the README must say so"
