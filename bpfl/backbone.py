@@ -225,10 +225,11 @@ class ClipBackbone(nn.Module):
         clip = self.clip
         if getattr(clip, "attn_mask", None) is None or not hasattr(clip, "transformer"):
             return False
+        parts = ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")
         for blk in clip.transformer.resblocks:
             attn = getattr(blk, "attn", None)
-            if (not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None or
-                    hasattr(blk, "ln_1_kv") or not all(hasattr(blk, a) for a in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))):
+            if (not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None
+                    or hasattr(blk, "ln_1_kv") or not all(hasattr(blk, a) for a in parts)):
                 return False
         return True
 

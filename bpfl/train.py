@@ -308,7 +308,8 @@ def _train(model: BayesPFL, dataset: Dataset, out_dir: str | Path, dctx: "distri
             if not torch.isfinite(total):
                 bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
                 raise FloatingPointError(
-                    f"loss is {float(total)} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
+                    f"loss is {float(total.detach())} at epoch {epoch + 1}, step {step + 1} "
+                    f"(global step {global_step + 1}); "
                     f"non-finite terms: {bad}. Lower the learning rate (now {cfg.lr}) or check the data; the last "
                     f"good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}.")
             optimizer.zero_grad(set_to_none=True)
