@@ -1327,7 +1327,8 @@ same architecture, once with random weights and once with the toy CLIP, trained 
 tested on the unseen ones, next to a training-free classical detector (local mean/variance statistics).
 
 First the committed measurement (`benchmarks/toy_clip_transfer.py`, several seeds, the full teaching schedule);
-then, when a toy CLIP checkpoint exists on this machine, a live run with this notebook's epochs and its maps.
+then, when a toy CLIP checkpoint exists on this machine, a live run with this notebook's epochs and its maps
+(in fast mode a few epochs on a handful of images: expect weaker numbers and fainter maps than the measured table).
 """),
         code(r'''
 from bpfl.toyclip import ensure_toy_clip

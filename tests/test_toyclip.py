@@ -271,3 +271,16 @@ def test_loading_a_checkpoint_file_does_not_claim_random_weights(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         load_backbone("bpfl-toy", pretrained=None, image_size=SIZE, layers=P.toy_layers(), device="cpu")
     assert "initialized randomly" in caplog.text  # still said when it is true
+
+
+def test_measured_table_summarises_the_committed_csv(tmp_path):
+    from bpfl.toyclip.transfer import measured_table
+
+    assert measured_table(tmp_path / "absent.csv") is None
+    rows = [{"method": "m", "seed": s, "category": c, "pixel_auroc": p, "image_auroc": i}
+            for s, (p, i) in enumerate([(0.8, 0.6), (0.9, 0.7)]) for c in ("a", "b")]
+    import pandas as pd
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    t = measured_table(tmp_path / "t.csv")
+    assert t.loc["m", "pixel AUROC"] == 0.85 and t.loc["m", "image AUROC"] == 0.65 and t.loc["m", "seeds"] == 2
+    assert abs(t.loc["m", "pixel ± (seeds)"] - round(float(np.std([0.8, 0.9], ddof=1)), 3)) < 1e-9

@@ -204,6 +204,6 @@ def measured_table(path: str | Path | None = None) -> pd.DataFrame | None:
     if not p.is_file():
         return None
     s = summarize(pd.read_csv(p))
-    return pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean.round(3), "± (seeds)": s.pixel_auroc_std.round(3),
-                         "image AUROC": s.image_auroc_mean.round(3), "± (seeds) ": s.image_auroc_std.round(3),
+    return pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean.round(3), "pixel ± (seeds)": s.pixel_auroc_std.round(3),
+                         "image AUROC": s.image_auroc_mean.round(3), "image ± (seeds)": s.image_auroc_std.round(3),
                          "seeds": s.n_seeds})
