@@ -81,7 +81,7 @@ def ensure_pretrained(path: Path, steps: int, batch_size: int, seed: int) -> dic
     meta_path = path.with_suffix(".json")
     if not path.is_file():
         print(f"[bench] pretraining the toy CLIP -> {path} ({steps} steps x {batch_size})", flush=True)
-        cmd = [sys.executable, "-m", "bpfl.toyclip.pretrain", "--out", str(path), "--steps", str(steps),
+        cmd = [sys.executable, "-m", "bpfl", "pretrain-toy-clip", "--out", str(path), "--steps", str(steps),
                "--batch-size", str(batch_size), "--seed", str(seed)]
         subprocess.run(cmd, check=True, cwd=ROOT)
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
