@@ -272,19 +272,21 @@ class ClipBackbone(nn.Module):
             for i, blk in enumerate(blocks):
                 a = blk.attn
                 h = a.num_heads
-                qp, kp, vp = F.linear(blk.ln_1(xp), a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
-                qs, ks, vs = F.linear(blk.ln_1(xs), a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
-                keys = torch.cat([heads(kp, h)[parent], heads(ks, h)], dim=2)
-                values = torch.cat([heads(vp, h)[parent], heads(vs, h)], dim=2)
+                qp, kp, vp = (heads(t, h) for t in
+                              F.linear(blk.ln_1(xp), a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1))
+                qs, ks, vs = (heads(t, h) for t in
+                              F.linear(blk.ln_1(xs), a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1))
+                keys = torch.cat([kp[parent], ks], dim=2)
+                values = torch.cat([vp[parent], vs], dim=2)
                 if i < len(blocks) - 1:
-                    ap = F.scaled_dot_product_attention(heads(qp, h), heads(kp, h), heads(vp, h), is_causal=True)
+                    ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
                     xp = xp + blk.ls_1(a.out_proj(merge(ap)))
                     xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
-                    at = F.scaled_dot_product_attention(heads(qs, h), keys, values, attn_mask=mask)
+                    at = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
                     xs = xs + blk.ls_1(a.out_proj(merge(at)))
                     xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
                 else:  # last block: only the EOT row is read
-                    q = heads(qs[rows, eot][:, None], h)  # [n, h, 1, d]
+                    q = qs[rows, :, eot][:, :, None]  # [n, h, 1, d]
                     at = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[eot][:, None, None])
                     x = xs[rows, eot][:, None] + blk.ls_1(a.out_proj(merge(at)))
                     xs = (x + blk.ls_2(blk.mlp(blk.ln_2(x))))[:, 0]

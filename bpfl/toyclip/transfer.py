@@ -177,14 +177,14 @@ def compare_backbones(toy_path: str | Path, data_root: str | Path, out_dir: str 
     backbones = {RANDOM_NAME: (load_backbone(TOY_ARCH, None, image_size=size, layers=layers), None),
                  TOY_NAME: (load_backbone(TOY_ARCH, str(toy_path), image_size=size, layers=layers), str(toy_path))}
     idx = pick_examples(test_ds, n_show)
-    frames, maps, shown = [], {}, None
+    shown = collate([test_ds[i] for i in idx])
+    frames, maps = [], {}
     for name, (bb, pretrained) in backbones.items():
         df, _, models = train_and_evaluate(name, bb, {**base, "pretrained": pretrained}, train_ds, test_ds,
                                            list(seeds), Path(out_dir), epochs, progress)
         frames.append(df)
         pairs = list(predict_dataset(models[0], test_ds, idx, progress=False))
         maps[name] = [m for _, o in pairs for m in o.anomaly_map.numpy()]
-        shown = collate([test_ds[i] for i in idx])
     cl = classical_reference(open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["unseen"],
                                           image_size=size, normalize=False))
     best = cl.groupby("method")["pixel_auroc"].mean().idxmax()
