@@ -1,11 +1,12 @@
 """Captioned procedural surfaces for pretraining the toy CLIP: families, colours, defects, captions.
 
-Every sample is a pure function of ``(seed, index)``: :func:`toy_sample` draws a surface **family** (23 for
-pretraining plus the 4 held out by default), a named **colour**, a scale, and with probability ``p_defect``
-one of 8 **defect kinds**; it renders the image at 1-2.2x the output size (so downsampling anti-aliases it
-like the synthetic dataset's 256 px -> model-size resize), pastes the defect, resizes, flips/rotates, and
-writes a **caption** that names what was drawn ("a photo of a scratched blue striped surface"). Nothing is
-stored: :func:`toy_stream` / :class:`ToyCaptionStream` generate on the fly.
+Every sample is a pure function of ``(seed, index)``: :func:`toy_sample` draws a surface **family** (24 for
+pretraining -- 23 procedural ones and ``natural``, crops of public-domain photos -- plus the 4 held out by
+default), a named **colour**, a scale, and with probability ``p_defect`` one of 8 **defect kinds**; it renders
+the image at 1-2.2x the output size (so downsampling anti-aliases it like the synthetic dataset's 256 px ->
+model-size resize), pastes the defect, resizes, flips/rotates, and writes a **caption** that names what was
+drawn ("a photo of a scratched blue striped surface"). Nothing is stored: :func:`toy_stream` /
+:class:`ToyCaptionStream` generate on the fly.
 
 Captions come in three kinds (``caption_mode``): ``both`` (state and material), ``state`` (state only:
 "a photo of a damaged surface") and ``material`` (material only: "a photo of a blue striped surface"). Each
@@ -317,6 +318,40 @@ def p_grainy(rng, s):
                    ).astype(np.float32)
 
 
+#: Public-domain / CC0 photos bundled with scikit-image (never ``grass`` or ``gravel``: those draw held-out
+#: categories). Crops of them, as luminance patterns, are the ``natural`` family: natural-image statistics
+#: (fur, coffee foam, coins, hair, stone, cells, ...) that no procedural family has.
+PHOTO_SOURCES = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "immunohistochemistry", "cell",
+                 "clock")
+
+
+def _photo_luminance(name: str) -> np.ndarray:
+    """Luminance of a bundled scikit-image photo in [0, 1] (cached)."""
+    key = "photo:" + name
+    if key not in _PHOTO_CACHE:
+        import skimage.data
+        a = np.asarray(getattr(skimage.data, name)(), np.float32) / 255.0
+        _PHOTO_CACHE[key] = a if a.ndim == 2 else a[..., :3] @ np.asarray([0.299, 0.587, 0.114], np.float32)
+    return _PHOTO_CACHE[key]
+
+
+_PHOTO_CACHE: dict[str, np.ndarray] = {}
+
+
+def p_natural(rng, s):
+    """A zoomed-in crop (12-50 % of the shorter side) of one of :data:`PHOTO_SOURCES`, as a luminance pattern."""
+    src = _photo_luminance(PHOTO_SOURCES[int(rng.integers(len(PHOTO_SOURCES)))])
+    h, w = src.shape
+    c = max(8, int(min(h, w) * rng.uniform(0.12, 0.5)))
+    y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+    crop = src[y0:y0 + c, x0:x0 + c]
+    if rng.random() < 0.5:
+        crop = crop.T
+    u8 = np.clip(np.round(crop * 255), 0, 255).astype(np.uint8)
+    g = np.asarray(Image.fromarray(np.ascontiguousarray(u8)).resize((s, s), Image.BICUBIC), np.float32) / 255.0
+    return _norm01(g)
+
+
 def _from_texture(name: str) -> PatternFn:
     """An RGB texture of :mod:`bpfl.data.textures` used as is (held-out families keep their own look)."""
     fn = _tex.TEXTURES[name]
@@ -350,7 +385,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("concrete", "concrete", p_concrete), Family("ringed", "ringed", p_ringed),
     Family("speckled", "speckled", p_speckled), Family("sand", "sandy", p_sand),
     Family("crumpled", "crumpled", p_crumpled), Family("crackle", "crackled", p_crackle),
-    Family("grainy", "grainy", p_grainy),
+    Family("grainy", "grainy", p_grainy), Family("natural", "natural", p_natural),
     # the textures of the synthetic dataset's unseen group: held out of pretraining by default
     Family("weave", "woven", _from_texture("woven_fabric"), rgb=True),
     Family("fibre", "fibrous", _from_texture("fibre"), rgb=True),

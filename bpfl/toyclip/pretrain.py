@@ -46,16 +46,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .generator import (COLOURS, DEFAULT_HELD_OUT, FAMILIES, allowed_families, held_out_words, pseudo_word,
-                        samples_to_batch, toy_sample)
+from .generator import (COLOURS, DEFAULT_HELD_OUT, FAMILIES, allowed_families, held_out_words,
+                        pseudo_word, samples_to_batch, toy_sample)
 
 #: The toy architecture (``bpfl/model_configs/bpfl-toy.json``): ViT 6 x 128, patch 8; text 4 x 64; joint dim 64.
 TOY_ARCH = "bpfl-toy"
 #: Size Bayes-PFL uses the toy CLIP at (14 x 14 patch grid) and the size it is pretrained at (8 x 8 grid).
 TOY_IMAGE_SIZE = 112
 TOY_PRETRAIN_SIZE = 64
-#: Default pretraining length: 2000 x 48 = 96k generated images at 64 px (43 min wall, 55 CPU-min on a shared
-#: 2-core VM; docs/toy_clip.md).
+#: Default pretraining length: 2000 x 48 = 96k generated images at 64 px (33 min wall on a quiet 2-core VM:
+#: torch on one core, the batch generator on the other; docs/toy_clip.md).
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 48
 FORMAT = "bpfl-toyclip-train-v1"
@@ -95,10 +95,16 @@ def toy_bayespfl_overrides(path: str | Path | None = None, arch: str = TOY_ARCH,
                 layers=toy_layers(arch))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (``getrusage`` max RSS), in MiB."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory (``getrusage`` max RSS), in MiB: of this process so far, or with ``children=True``
+    of its largest finished child process (the batch-generator worker)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
+
+
+def _children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -111,6 +117,8 @@ class PretrainSettings:
     steps: int = DEFAULT_STEPS
     batch_size: int = DEFAULT_BATCH
     image_size: int = TOY_PRETRAIN_SIZE
+    final_image_size: int | None = None  # the last ``final_steps`` steps at this size (None: no such phase)
+    final_steps: int = 0
     held_out_families: tuple[str, ...] = DEFAULT_HELD_OUT
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -267,12 +275,81 @@ def pretrain_losses(clip: nn.Module, probes: DenseProbes, tokenizer, batch: dict
     return losses
 
 
+def final_phase_start(settings: PretrainSettings) -> int:
+    """First step of the final phase at ``final_image_size`` (``steps`` when there is none)."""
+    if not settings.final_image_size or settings.final_steps <= 0:
+        return settings.steps
+    return max(0, settings.steps - int(settings.final_steps))
+
+
+def image_size_at(settings: PretrainSettings, step: int) -> int:
+    """The image size of batch ``step``: ``image_size``, then ``final_image_size`` in the final phase."""
+    return int(settings.final_image_size) if step >= final_phase_start(settings) else settings.image_size
+
+
+def output_image_size(settings: PretrainSettings) -> int:
+    """The size the finished weights were last trained at (what their positional embedding is laid out for)."""
+    return image_size_at(settings, settings.steps - 1)
+
+
 def make_batch(settings: PretrainSettings, step: int) -> dict:
     """Batch ``step`` of the stream (a pure function of the settings and the step)."""
     kw = dict(held_out=settings.held_out_families, p_defect=settings.p_defect,
               p_pseudo_word=settings.p_pseudo_word)
-    b = settings.batch_size
-    return samples_to_batch([toy_sample(settings.seed, step * b + i, settings.image_size, **kw) for i in range(b)])
+    b, size = settings.batch_size, image_size_at(settings, step)
+    return samples_to_batch([toy_sample(settings.seed, step * b + i, size, **kw) for i in range(b)])
+
+
+def grow_image_size(clip: nn.Module, size: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Lay ``clip``'s vision tower out for ``size`` px in place: the positional embedding is resized
+    (open_clip's ``resize_pos_embed``: bicubic, CLS kept) and so are its AdamW moments (second moment clamped
+    at 0), so training continues at the new size with the optimizer's history."""
+    from open_clip.model import resize_pos_embed
+    visual = clip.visual
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+    pos = visual.positional_embedding
+    old_grid = visual.grid_size
+    new_grid = (size // patch, size // patch)
+    if tuple(old_grid) == new_grid:
+        return
+
+    def resized(t: torch.Tensor) -> torch.Tensor:
+        sd = {"visual.positional_embedding": t.detach().clone()}
+        resize_pos_embed(sd, clip)
+        return sd["visual.positional_embedding"].to(t.dtype)
+
+    visual.image_size, visual.grid_size = (size, size), new_grid
+    new = nn.Parameter(resized(pos), requires_grad=pos.requires_grad)
+    visual.positional_embedding = new  # a new Parameter (autograd keeps the old one's shape)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [new if q is pos else q for q in group["params"]]
+        state = optimizer.state.pop(pos, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key] = resized(state[key]).clamp_min(0) if key == "exp_avg_sq" else resized(state[key])
+        if state:
+            optimizer.state[new] = state
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Batches ``start .. end-1`` of the stream, in order (generated in a DataLoader worker process, so the
+    next batch is drawn while the model trains on this one; the batches are the same as :func:`make_batch`'s)."""
+
+    def __init__(self, settings: PretrainSettings, start: int, end: int):
+        self.settings, self.start, self.end = settings, int(start), int(end)
+
+    def __iter__(self):
+        for b in range(self.start, self.end):
+            yield make_batch(self.settings, b)
+
+
+def batch_iterator(settings: PretrainSettings, start: int, end: int, workers: int = 1):
+    """Batches ``start .. end-1``: generated ahead in ``workers`` (0 or 1) background process(es), else inline."""
+    if workers <= 0:
+        return (make_batch(settings, b) for b in range(start, end))
+    return iter(torch.utils.data.DataLoader(_Batches(settings, start, end), batch_size=None, num_workers=1,
+                                            prefetch_factor=2))
 
 
 def _param_groups(clip: nn.Module, probes: nn.Module, weight_decay: float) -> list[dict]:
@@ -285,6 +362,16 @@ def _param_groups(clip: nn.Module, probes: nn.Module, weight_decay: float) -> li
                     or "token_embedding" in name or "positional_embedding" in name or "class_embedding" in name)
             (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(clip: nn.Module, probes: nn.Module, settings: PretrainSettings) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.98, eps 1e-6), fused into one kernel where this torch build has it (4x faster on the
+    CPU: the 49408 x 64 token-embedding table is updated every step)."""
+    kw = dict(lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
+    try:
+        return torch.optim.AdamW(_param_groups(clip, probes, settings.weight_decay), fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # an older torch without CPU fused AdamW
+        return torch.optim.AdamW(_param_groups(clip, probes, settings.weight_decay), **kw)
 
 
 def _lr_factor(step: int, settings: PretrainSettings) -> float:
@@ -346,7 +433,7 @@ def _write_final(clip: nn.Module, out_path: Path, settings: PretrainSettings, me
         folder = local_dir_path(out_path)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = open_clip.get_model_config(settings.arch)
-        cfg["vision_cfg"]["image_size"] = settings.image_size  # the size the weights were trained at
+        cfg["vision_cfg"]["image_size"] = output_image_size(settings)  # the size the weights were trained at last
         from ..data.images import CLIP_MEAN, CLIP_STD
         (folder / "open_clip_config.json").write_text(json.dumps(
             {"model_cfg": cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}, indent=2))
@@ -361,26 +448,31 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
                       batch_size: int = DEFAULT_BATCH, arch: str = TOY_ARCH, image_size: int = TOY_PRETRAIN_SIZE,
                       held_out_families: Sequence[str] = DEFAULT_HELD_OUT, resume: bool = True,
                       progress: bool = True, *, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 100,
+                      final_image_size: int | None = None, final_steps: int = 0,
                       dense_weight: float = 1.0, state_weight: float = 1.0,
                       dense_layers: Sequence[int] | None = None,
                       p_defect: float = 0.5, p_pseudo_word: float = 0.1, checkpoint_every: int = 50,
                       stop_at: int | None = None, local_dir: bool = True, log_every: int = 10,
-                      threads: int | None = None) -> PretrainResult:
+                      threads: int | None = None, workers: int = 1) -> PretrainResult:
     """Pretrain the toy CLIP and write it to ``out_path`` (default :func:`default_toy_clip_path`).
 
     ``steps`` x ``batch_size`` generated images of ``image_size`` px; ``held_out_families`` are never drawn
     (see :mod:`bpfl.toyclip.generator`). ``resume=True`` continues from ``<out>.train.pt`` if it exists (and
     returns at once if the finished checkpoint is already there with the same settings); ``resume=False``
     starts over. ``stop_at`` ends the run after that many steps *without* finishing it (the training state is
-    saved; a later call with ``resume=True`` continues). Returns a :class:`PretrainResult` (time, peak RSS,
-    loss history); ``path`` is None while unfinished.
+    saved; a later call with ``resume=True`` continues). ``workers=1`` generates the next batches in a background
+    process while the model trains (same batches, same weights as ``workers=0``); ``threads`` (default: all cores
+    but the worker's) is restored afterwards. ``final_image_size`` / ``final_steps``: the last steps at a larger
+    size (the positional embedding is resized once, :func:`grow_image_size`). Returns a :class:`PretrainResult`
+    (time, peak RSS, loss history); ``path`` is None while unfinished.
     """
     from tqdm.auto import tqdm
 
-    if threads:
-        torch.set_num_threads(int(threads))
     settings = PretrainSettings(arch=arch, seed=int(seed), steps=int(steps), batch_size=int(batch_size),
-                                image_size=int(image_size), held_out_families=tuple(held_out_families), lr=lr,
+                                image_size=int(image_size),
+                                final_image_size=int(final_image_size) if final_image_size else None,
+                                final_steps=int(final_steps) if final_image_size else 0,
+                                held_out_families=tuple(held_out_families), lr=lr,
                                 weight_decay=weight_decay, warmup=int(warmup), dense_weight=float(dense_weight),
                                 state_weight=float(state_weight),
                                 dense_layers=tuple(dense_layers) if dense_layers else None,
@@ -398,8 +490,7 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
                                   settings.steps, float(meta.get("seconds", 0.0)),
                                   float(meta.get("peak_rss_mb", 0.0)), meta.get("history", []), True, meta["settings"])
     clip, probes, tokenizer = build_toy_model(settings)
-    optimizer = torch.optim.AdamW(_param_groups(clip, probes, settings.weight_decay), lr=settings.lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    optimizer = make_optimizer(clip, probes, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
     step, history, elapsed = 0, [], 0.0
     if resume and state_path.is_file():
@@ -411,6 +502,8 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
                     if settings.to_dict().get(k) != v}
             raise ValueError(f"resume: {state_path} was written with other settings {diff} (saved, now); "
                              "use the same settings, resume=False to start over, or another out_path")
+        if int(st["step"]) >= final_phase_start(settings):  # saved in the final phase: lay it out for that size
+            grow_image_size(clip, int(settings.final_image_size), optimizer)
         clip.load_state_dict(st["model"])
         probes.load_state_dict(st["probes"])
         optimizer.load_state_dict(st["optimizer"])
@@ -434,8 +527,17 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
     bar = tqdm(total=settings.steps, initial=step, desc="toy CLIP", disable=not progress, unit="step")
     sums: dict[str, float] = {}
     n_sum = 0
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif workers > 0:  # one core generates the batches: leave it to the worker (measured 15 % faster on 2 cores)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    threads_used = torch.get_num_threads()
+    batches = batch_iterator(settings, step, end, workers)
     while step < end:
-        batch = make_batch(settings, step)
+        if step == final_phase_start(settings):
+            grow_image_size(clip, int(settings.final_image_size), optimizer)
+        batch = next(batches)
         rng = np.random.default_rng([settings.seed, 0xD3A5E, step])  # dense-prompt wording of this step
         losses = pretrain_losses(clip, probes, tokenizer, batch, settings, rng)
         optimizer.zero_grad(set_to_none=True)
@@ -459,6 +561,8 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
         if checkpoint_every and step % checkpoint_every == 0 and step < settings.steps:
             save_state()
     bar.close()
+    torch.set_num_threads(threads_before)
+    del batches  # ends the generator worker (its peak RSS then counts in RUSAGE_CHILDREN)
     seconds = elapsed + time.perf_counter() - t0
     if step < settings.steps:  # stopped early on purpose: keep the state for resuming
         save_state()
@@ -466,12 +570,15 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
     ru = resource.getrusage(resource.RUSAGE_SELF)
     meta = {"format": "bpfl-toyclip-v1", "arch": settings.arch, "settings": settings.to_dict(),
             "seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb_worker": round(peak_rss_mb(children=True), 1) if workers > 0 else 0.0,
             "cpu_seconds_process": round(ru.ru_utime + ru.ru_stime, 1),
+            "cpu_seconds_children": round(_children_cpu_seconds(), 1),  # the batch-generator worker
             "images_seen": settings.steps * settings.batch_size,
             "families": allowed_families(settings.held_out_families),
             "held_out_words": sorted(held_out_words(settings.held_out_families)),
             "use_image_size": TOY_IMAGE_SIZE if settings.arch == TOY_ARCH else None,
-            "layers": list(probes.layers), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "layers": list(probes.layers), "torch": torch.__version__, "threads": threads_used,
+            "batch_workers": int(workers > 0),
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
             "history": history}
     folder = _write_final(clip.eval(), out_path, settings, meta, local_dir)
@@ -513,6 +620,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--arch", default=TOY_ARCH)
     parser.add_argument("--image-size", type=int, default=TOY_PRETRAIN_SIZE, help="pretraining image size (px)")
+    parser.add_argument("--final-image-size", type=int, default=None,
+                        help="train the last --final-steps steps at this size (e.g. 112, the size Bayes-PFL uses)")
+    parser.add_argument("--final-steps", type=int, default=0)
     parser.add_argument("--held-out", default=",".join(DEFAULT_HELD_OUT),
                         help=f"comma-separated families never drawn (known: {','.join(FAMILIES)})")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -522,16 +632,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-resume", action="store_true", help="start over even if a training state exists")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--workers", type=int, default=1, choices=(0, 1),
+                        help="1: generate the next batches in a background process (default); 0: inline")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     held = tuple(h for h in (args.held_out or "").split(",") if h)
     res = pretrain_toy_clip(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, arch=args.arch,
-                            image_size=args.image_size, held_out_families=held, resume=not args.no_resume,
+                            image_size=args.image_size, final_image_size=args.final_image_size,
+                            final_steps=args.final_steps, held_out_families=held,
+                            resume=not args.no_resume,
                             progress=not args.no_progress, lr=args.lr, dense_weight=args.dense_weight,
                             state_weight=args.state_weight,
-                            checkpoint_every=args.checkpoint_every, threads=args.threads)
+                            checkpoint_every=args.checkpoint_every, threads=args.threads, workers=args.workers)
     print(f"toy CLIP: {res.path}  ({res.seconds / 60:.1f} min, peak RSS {res.peak_rss_mb:.0f} MiB)")
     if res.local_dir:
         print(f"  also as local-dir:{res.local_dir}")

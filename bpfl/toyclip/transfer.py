@@ -8,6 +8,11 @@ Used by ``benchmarks/toy_clip_transfer.py`` (the measured table) and by notebook
 * :func:`training_free_reference` -- the toy CLIP alone (:func:`bpfl.toyclip.zero_shot_maps`), no Bayes-PFL.
 * :func:`train_and_evaluate` -- Bayes-PFL trained on seen categories, evaluated zero-shot, once per seed.
 * :func:`summarize` -- category mean per (method, seed), then mean ± std over seeds.
+* :func:`bootstrap_image_auroc` -- a confidence interval for the category-mean image AUROC over the *test
+  images* (the seeds' spread says nothing about how few test images there are).
+
+Each measuring function returns ``(rows, scores)``: ``rows`` one line per (method, seed, test set, category)
+with the metrics, ``scores`` one line per (method, seed, test set, image) with its label and image score.
 """
 from __future__ import annotations
 
@@ -38,9 +43,34 @@ def classical_map(img: np.ndarray, sigma: float) -> np.ndarray:
     return score.astype(np.float32)
 
 
-def classical_reference(ds, sigmas=(1.0, 2.0, 4.0), top: float = 0.01) -> pd.DataFrame:
-    """Per category and sigma: pixel AUROC and image AUROC of the classical map on ``ds`` (normalize=False)."""
-    rows = []
+def _test_sets(test_ds) -> dict:
+    """``{name: dataset}`` from one dataset (named ``"test"``) or a mapping of named ones."""
+    return dict(test_ds) if isinstance(test_ds, dict) else {"test": test_ds}
+
+
+def _image_id(path) -> str:
+    """An image's name inside its dataset (``<category>/test/<kind>/<file>``): shorter than the absolute path."""
+    return "/".join(Path(str(path)).parts[-4:])
+
+
+def _score_rows(method: str, seed: int, test_set: str, category: str, paths, labels, scores) -> list[dict]:
+    return [{"method": method, "seed": seed, "test_set": test_set, "category": category, "path": _image_id(p),
+             "label": int(lab), "score": float(sc)} for p, lab, sc in zip(paths, labels, scores)]
+
+
+def classical_reference(test_ds, sigmas=(1.0, 2.0, 4.0), top: float = 0.01) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per test set, category and sigma: pixel and image AUROC of the classical map (datasets with
+    ``normalize=False``). Returns ``(rows, scores)``."""
+    rows, score_rows = [], []
+    for test_set, ds in _test_sets(test_ds).items():
+        r, sc = _classical_one(ds, sigmas, top, test_set)
+        rows += r
+        score_rows += sc
+    return pd.DataFrame(rows), pd.DataFrame(score_rows)
+
+
+def _classical_one(ds, sigmas, top: float, test_set: str) -> tuple[list[dict], list[dict]]:
+    rows, score_rows = [], []
     for cat, idx in ds.by_category().items():
         items = [ds[i] for i in idx]
         imgs = [it["image"].permute(1, 2, 0).numpy() for it in items]
@@ -51,36 +81,43 @@ def classical_reference(ds, sigmas=(1.0, 2.0, 4.0), top: float = 0.01) -> pd.Dat
             flat = maps.reshape(len(maps), -1)
             k = max(1, int(top * flat.shape[1]))
             img_score = np.sort(flat, axis=1)[:, -k:].mean(1)
-            rows.append({"method": f"classical (sigma={s:g})", "sigma": s, "seed": 0, "category": cat,
+            method = f"classical (sigma={s:g})"
+            rows.append({"method": method, "sigma": s, "seed": 0, "test_set": test_set, "category": cat,
                          "pixel_auroc": M.roc_auc(masks.ravel(), maps.ravel()),
                          "image_auroc": M.roc_auc(labels, img_score)})
-    return pd.DataFrame(rows)
+            score_rows += _score_rows(method, 0, test_set, cat, [it["path"] for it in items], labels, img_score)
+    return rows, score_rows
 
 
-def training_free_reference(backbone, ds, name: str) -> pd.DataFrame:
-    """(iv) the toy CLIP alone: patch tokens vs "flawless"/"damaged" prompts, no Bayes-PFL training."""
+def training_free_reference(backbone, test_ds, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(iv) the toy CLIP alone: patch tokens vs "flawless"/"damaged" prompts, no Bayes-PFL training.
+    Returns ``(rows, scores)``."""
     from ..data import collate
-    rows = []
-    for cat, idx in ds.by_category().items():
-        batch = collate([ds[i] for i in idx])
-        maps, scores = zero_shot_maps(backbone, batch["image"])
-        masks = np.nan_to_num(batch["mask"].numpy()) > 0.5
-        rows.append({"method": name, "seed": 0, "category": cat,
-                     "pixel_auroc": M.roc_auc(masks.ravel(), maps.numpy().ravel()),
-                     "image_auroc": M.roc_auc(batch["label"].numpy(), scores.numpy())})
-    return pd.DataFrame(rows)
+    rows, score_rows = [], []
+    for test_set, ds in _test_sets(test_ds).items():
+        for cat, idx in ds.by_category().items():
+            batch = collate([ds[i] for i in idx])
+            maps, scores = zero_shot_maps(backbone, batch["image"])
+            masks = np.nan_to_num(batch["mask"].numpy()) > 0.5
+            rows.append({"method": name, "seed": 0, "test_set": test_set, "category": cat,
+                         "pixel_auroc": M.roc_auc(masks.ravel(), maps.numpy().ravel()),
+                         "image_auroc": M.roc_auc(batch["label"].numpy(), scores.numpy())})
+            score_rows += _score_rows(name, 0, test_set, cat, batch["path"], batch["label"].numpy(), scores.numpy())
+    return pd.DataFrame(rows), pd.DataFrame(score_rows)
 
 
 def train_and_evaluate(name: str, backbone, overrides: dict, train_ds, test_ds, seeds, out_dir: Path,
-                       epochs: int | None = None, progress: bool = False) -> tuple[pd.DataFrame, dict, list]:
+                       epochs: int | None = None, progress: bool = False
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, dict, list]:
     """Per seed: Bayes-PFL (``BayesPFLConfig.teaching(**overrides)``) trained on ``train_ds``, evaluated on
-    ``test_ds``. Returns rows (method=name, seed, category, pixel/image AUROC and AP, train seconds), the last
-    seed's config and the trained models (one per seed)."""
+    ``test_ds`` (a dataset, or ``{name: dataset}`` to evaluate each trained model on several test sets).
+    Returns rows (method=name, seed, test_set, category, pixel/image AUROC and AP, train seconds), per-image
+    scores, the last seed's config and the trained models (one per seed)."""
     from ..config import BayesPFLConfig
     from ..evaluate import evaluate
     from ..model import BayesPFL
     from ..train import train
-    rows, models = [], []
+    rows, score_rows, models = [], [], []
     cfg = None
     for seed in seeds:
         cfg = BayesPFLConfig.teaching(**{**overrides, "seed": seed, **({"epochs": epochs} if epochs else {})})
@@ -89,24 +126,29 @@ def train_and_evaluate(name: str, backbone, overrides: dict, train_ds, test_ds, 
         t0 = time.perf_counter()
         train(model, train_ds, out_dir / f"{name}-seed{seed}", progress=progress)
         t_train = time.perf_counter() - t0
-        res = evaluate(model, test_ds, seed=seed, progress=False)
         models.append(model)
-        scores = res.scores.groupby("category")
-        for cat, r in res.per_category.items():
-            g = scores.get_group(cat)  # which branch of s = s_text + max(M) separates the images
-            rows.append({"method": name, "seed": seed, "category": cat, "pixel_auroc": r["pixel_auroc"],
-                         "image_auroc": r["image_auroc"], "pixel_ap": r.get("pixel_ap"),
-                         "image_ap": r.get("image_ap"),
-                         "image_auroc_s_text_only": M.roc_auc(g.label.to_numpy(), g.text_score.to_numpy()),
-                         "image_auroc_max_map_only": M.roc_auc(g.label.to_numpy(), g.map_max.to_numpy()),
-                         "train_seconds": round(t_train, 1)})
-        print(f"[bench] {name} seed {seed}: pixel AUROC {res.mean('pixel_auroc'):.3f}, image AUROC "
-              f"{res.mean('image_auroc'):.3f} (train {t_train:.0f} s)", flush=True)
-    return pd.DataFrame(rows), cfg.to_dict(), models
+        for test_set, ds in _test_sets(test_ds).items():
+            res = evaluate(model, ds, seed=seed, progress=False)
+            scores = res.scores.groupby("category")
+            for cat, r in res.per_category.items():
+                g = scores.get_group(cat)  # which branch of s = s_text + max(M) separates the images
+                rows.append({"method": name, "seed": seed, "test_set": test_set, "category": cat,
+                             "pixel_auroc": r["pixel_auroc"], "image_auroc": r["image_auroc"],
+                             "pixel_ap": r.get("pixel_ap"), "image_ap": r.get("image_ap"),
+                             "image_auroc_s_text_only": M.roc_auc(g.label.to_numpy(), g.text_score.to_numpy()),
+                             "image_auroc_max_map_only": M.roc_auc(g.label.to_numpy(), g.map_max.to_numpy()),
+                             "train_seconds": round(t_train, 1)})
+                score_rows += _score_rows(name, seed, test_set, cat, g.path, g.label.to_numpy(),
+                                          g.image_score.to_numpy())
+            print(f"[bench] {name} seed {seed} on {test_set}: pixel AUROC {res.mean('pixel_auroc'):.3f}, "
+                  f"image AUROC {res.mean('image_auroc'):.3f} (train {t_train:.0f} s)", flush=True)
+    return pd.DataFrame(rows), pd.DataFrame(score_rows), cfg.to_dict(), models
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Category mean per (method, seed), then mean ± std over seeds."""
+def summarize(df: pd.DataFrame, test_set: str | None = None) -> pd.DataFrame:
+    """Category mean per (method, seed), then mean ± std over seeds (rows of ``test_set`` only, if given)."""
+    if test_set is not None and "test_set" in df:
+        df = df[df.test_set == test_set]
     per_seed = df.groupby(["method", "seed"])[["pixel_auroc", "image_auroc"]].mean()
     g = per_seed.groupby("method")
     out = pd.DataFrame({"pixel_auroc_mean": g["pixel_auroc"].mean(), "pixel_auroc_std": g["pixel_auroc"].std(ddof=1),
@@ -115,10 +157,53 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out.fillna({"pixel_auroc_std": 0.0, "image_auroc_std": 0.0})
 
 
+def bootstrap_image_auroc(scores: pd.DataFrame, n_boot: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> pd.DataFrame:
+    """Percentile-bootstrap interval, over the test images, of the category-mean image AUROC (mean over seeds).
+
+    ``scores``: one row per (method, seed, test_set, category, path) with ``label`` and ``score`` (what the
+    measuring functions return). A replicate redraws, per category, the normal and the anomalous images with
+    replacement (stratified: both counts stay fixed) and applies the same draw to every seed of a method.
+    With the Mann-Whitney pair matrix C[s, i, j] = [a_i > n_j] + 0.5 [a_i = n_j] of seed s and the draw's
+    multiplicities w, a replicate's AUROC is w_a C w_n / (n_a n_n). Returns one row per (method, test_set):
+    ``image_auroc`` (the point estimate, equal to :func:`summarize`'s mean), ``ci_low``, ``ci_high``,
+    ``n_images`` (per category, summed) and ``n_seeds``.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for (method, test_set), g in scores.groupby(["method", "test_set"], sort=False):
+        reps, point, n_cat, n_img = np.zeros(n_boot), 0.0, 0, 0
+        for _cat, gc in g.groupby("category", sort=False):
+            table = gc.pivot_table(index="path", columns="seed", values="score")  # images x seeds
+            labels = gc.drop_duplicates("path").set_index("path").label.reindex(table.index).to_numpy()
+            vals = table.to_numpy()
+            a, n = vals[labels == 1].T, vals[labels == 0].T  # [S, n_a], [S, n_n]
+            if a.shape[1] == 0 or n.shape[1] == 0:
+                continue  # AUROC undefined for this category
+            pairs = (a[:, :, None] > n[:, None, :]) + 0.5 * (a[:, :, None] == n[:, None, :])  # [S, n_a, n_n]
+            na, nn = a.shape[1], n.shape[1]
+            wa = rng.multinomial(na, np.full(na, 1.0 / na), size=n_boot)
+            wn = rng.multinomial(nn, np.full(nn, 1.0 / nn), size=n_boot)
+            reps += np.einsum("bi,sij,bj->b", wa, pairs, wn) / (na * nn * pairs.shape[0])
+            point += float(pairs.mean())
+            n_cat += 1
+            n_img += na + nn
+        if not n_cat:
+            continue
+        lo, hi = np.quantile(reps / n_cat, [(1 - level) / 2, (1 + level) / 2])
+        out.append({"method": method, "test_set": test_set, "image_auroc": point / n_cat, "ci_low": float(lo),
+                    "ci_high": float(hi), "n_images": n_img, "n_seeds": int(g.seed.nunique())})
+    return pd.DataFrame(out)
+
+
 # ------------------------------------------------------------------------------------------ comparison
 #: method names used in the tables
 RANDOM_NAME = "Bayes-PFL, random bpfl-toy"
 TOY_NAME = "Bayes-PFL, toy CLIP"
+#: test-set names of ``benchmarks/toy_clip_transfer.py``: the synthetic dataset's default split of the unseen
+#: categories (8 normal + 12 anomalous images each) and the larger one that contains it (same seed, more images)
+DEFAULT_TEST_SET = "default"
+LARGE_TEST_SET = "large"
 
 
 @dataclass
@@ -180,13 +265,13 @@ def compare_backbones(toy_path: str | Path, data_root: str | Path, out_dir: str 
     shown = collate([test_ds[i] for i in idx])
     frames, maps = [], {}
     for name, (bb, pretrained) in backbones.items():
-        df, _, models = train_and_evaluate(name, bb, {**base, "pretrained": pretrained}, train_ds, test_ds,
-                                           list(seeds), Path(out_dir), epochs, progress)
+        df, _, _, models = train_and_evaluate(name, bb, {**base, "pretrained": pretrained}, train_ds, test_ds,
+                                              list(seeds), Path(out_dir), epochs, progress)
         frames.append(df)
         pairs = list(predict_dataset(models[0], test_ds, idx, progress=False))
         maps[name] = [m for _, o in pairs for m in o.anomaly_map.numpy()]
-    cl = classical_reference(open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["unseen"],
-                                          image_size=size, normalize=False))
+    cl, _ = classical_reference(open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["unseen"],
+                                             image_size=size, normalize=False))
     best = cl.groupby("method")["pixel_auroc"].mean().idxmax()
     frames.append(cl[cl.method == best])
     rows = pd.concat(frames, ignore_index=True)
@@ -197,13 +282,27 @@ def compare_backbones(toy_path: str | Path, data_root: str | Path, out_dir: str 
                               list(shown["class_name"]), maps)
 
 
-def measured_table(path: str | Path | None = None) -> pd.DataFrame | None:
+def measured_table(path: str | Path | None = None, test_set: str | None = None) -> pd.DataFrame | None:
     """The committed measurement of ``benchmarks/toy_clip_transfer.py`` (``benchmarks/results/toy_clip_transfer.csv``)
-    summarised per method (mean ± std over seeds), or None where the file is absent (e.g. an installed package)."""
+    summarised per method (mean ± std over seeds; with the bootstrap interval over test images when the per-image
+    scores ``<name>_scores.csv`` lie beside it), on ``test_set`` (default: :data:`LARGE_TEST_SET` where the file
+    has several), or None where the file is absent (e.g. an installed package)."""
     p = Path(path) if path else Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "toy_clip_transfer.csv"
     if not p.is_file():
         return None
-    s = summarize(pd.read_csv(p))
-    return pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean.round(3), "pixel ± (seeds)": s.pixel_auroc_std.round(3),
-                         "image AUROC": s.image_auroc_mean.round(3), "image ± (seeds)": s.image_auroc_std.round(3),
-                         "seeds": s.n_seeds})
+    rows = pd.read_csv(p)
+    if test_set is None and "test_set" in rows and rows.test_set.nunique() > 1:
+        test_set = LARGE_TEST_SET
+    s = summarize(rows, test_set)
+    table = pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean.round(3), "pixel ± (seeds)": s.pixel_auroc_std.round(3),
+                          "image AUROC": s.image_auroc_mean.round(3), "image ± (seeds)": s.image_auroc_std.round(3),
+                          "seeds": s.n_seeds})
+    scores_path = p.with_name(p.stem + "_scores.csv")
+    if scores_path.is_file():
+        sc = pd.read_csv(scores_path)
+        if test_set is not None:
+            sc = sc[sc.test_set == test_set]
+        ci = bootstrap_image_auroc(sc).set_index("method")
+        table["image 95% CI (test images)"] = [f"{ci.at[m, 'ci_low']:.3f}-{ci.at[m, 'ci_high']:.3f}"
+                                               if m in ci.index else "" for m in table.index]
+    return table
