@@ -7,7 +7,8 @@ pretraining. Side by side, on the same unseen test images:
 
   (i)   Bayes-PFL on a random-weight backbone (the same ``bpfl-toy`` architecture, and optionally the kit's
         ``bpfl-tiny`` teaching backbone at 224 px with ``--with-tiny``);
-  (ii)  Bayes-PFL on the toy CLIP (:mod:`bpfl.toyclip`), built first if its checkpoint is missing;
+  (ii)  Bayes-PFL on the toy CLIP (:mod:`bpfl.toyclip`), one per pretraining seed (``--pretrain-seeds``,
+        default 0 1 2: the same recipe pretrained three times), each built first if its checkpoint is missing;
   (iii) a training-free classical reference: per-pixel deviation of the local mean and standard deviation
         (Gaussian window) from the image's own median statistics (robust z-score, summed over channels);
         image score = mean of the top 1 % of the map. Window sizes 1, 2 and 4 px (sigma, at the evaluation
@@ -19,13 +20,15 @@ pretraining. Side by side, on the same unseen test images:
 Two test sets of the unseen categories: the synthetic dataset's default split (8 normal + 12 anomalous images
 per category: too few for image AUROC, one image moves it by up to 1/8) and a large one (``--test-good`` +
 ``--test-anomalous``, default 40 + 40) drawn with the same seed, which therefore contains the default split.
-Pixel and image AUROC are averaged over categories, then mean ± std over the Bayes-PFL training seeds; the
+Pixel and image AUROC are averaged over categories, then mean ± std over the runs (Bayes-PFL training seeds,
+times the pretraining seeds for the toy CLIP: a toy CLIP pretrained on another CPU, or with another seed, is a
+different model, and its image AUROC differs by several hundredths); the
 image AUROC also gets a 95 % bootstrap interval over the test images
 (:func:`bpfl.toyclip.transfer.bootstrap_image_auroc`). Pretraining time (wall and CPU) and peak memory
 (getrusage max RSS of the pretraining process) come from the checkpoint's record. Writes
 ``benchmarks/results/toy_clip_transfer.{csv,md}`` and ``toy_clip_transfer_scores.csv`` (one row per image).
 
-    python benchmarks/toy_clip_transfer.py                 # builds the toy CLIP if needed, 3 seeds
+    python benchmarks/toy_clip_transfer.py                 # builds the 3 toy CLIPs if needed, 3 seeds each
     python benchmarks/toy_clip_transfer.py --seeds 0 --toy-clip /path/to/toy.pt
     python benchmarks/toy_clip_transfer.py --large-seed 7 --test-good 30 --test-anomalous 30 --skip-random \
         --out /tmp/dev        # a separate development draw, as used to choose the pretraining recipe
@@ -49,10 +52,12 @@ sys.path.insert(0, str(ROOT))
 
 from bpfl.backbone import default_layers, load_backbone  # noqa: E402
 from bpfl.data import SYNTHETIC_GROUPS, make_synthetic_dataset, open_dataset  # noqa: E402
+from bpfl.evaluate import released_topk  # noqa: E402
 from bpfl.toyclip import (DEFAULT_BATCH, DEFAULT_STEPS, TOY_ARCH, TOY_IMAGE_SIZE, default_toy_clip_path,  # noqa: E402
                           toy_layers)
 from bpfl.toyclip.transfer import (DEFAULT_TEST_SET, LARGE_TEST_SET, RANDOM_NAME, TOY_NAME,  # noqa: E402
-                                   bootstrap_image_auroc, classical_reference, summarize, train_and_evaluate,
+                                   bootstrap_image_auroc, classical_reference, run_ids, summarize,
+                                   train_and_evaluate,
                                    training_free_reference)
 
 SEEN, UNSEEN = SYNTHETIC_GROUPS["seen"], SYNTHETIC_GROUPS["unseen"]
@@ -100,10 +105,12 @@ def ensure_pretrained(path: Path, steps: int, batch_size: int, seed: int) -> dic
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--toy-clip", default=None, help="toy CLIP checkpoint (default: the cache path; built if missing)")
+    ap.add_argument("--toy-clip", nargs="+", default=None,
+                    help="toy CLIP checkpoint(s) (default: the cache paths of --pretrain-seeds; built if missing)")
     ap.add_argument("--pretrain-steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--pretrain-batch", type=int, default=DEFAULT_BATCH)
-    ap.add_argument("--pretrain-seed", type=int, default=0)
+    ap.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="pretraining seeds of the toy CLIPs (with --toy-clip: the seeds those files were built with)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Bayes-PFL training seeds")
     ap.add_argument("--epochs", type=int, default=None, help="Bayes-PFL epochs (default: the teaching preset's)")
     ap.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE)
@@ -129,9 +136,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     machine = describe_machine()
     t_start = time.perf_counter()
-    toy_path = Path(args.toy_clip) if args.toy_clip else default_toy_clip_path(TOY_ARCH, args.pretrain_seed)
-    meta = ensure_pretrained(toy_path, args.pretrain_steps, args.pretrain_batch, args.pretrain_seed)
-    work = Path(args.work) if args.work else toy_path.parent / "bench"
+    if args.toy_clip and len(args.toy_clip) != len(args.pretrain_seeds):
+        if args.pretrain_seeds != ap.get_default("pretrain_seeds"):
+            ap.error("give one --pretrain-seeds value per --toy-clip file")
+        args.pretrain_seeds = list(range(len(args.toy_clip)))
+    toy_paths = ([Path(f) for f in args.toy_clip] if args.toy_clip else
+                 [default_toy_clip_path(TOY_ARCH, s) for s in args.pretrain_seeds])
+    metas = [ensure_pretrained(path, args.pretrain_steps, args.pretrain_batch, s)
+             for path, s in zip(toy_paths, args.pretrain_seeds)]
+    work = Path(args.work) if args.work else toy_paths[0].parent / "bench"
     data = Path(args.data) if args.data else work / "synthetic"
     args.data_root = str(data)
     if not (data / "bpfl_synthetic.json").is_file():
@@ -171,13 +184,15 @@ def main(argv=None) -> int:
             RANDOM_NAME, rnd, {**dict(backbone=TOY_ARCH, pretrained=None, image_size=S, layers=layers), **extra},
             train_ds, test_sets(), args.seeds, work / "runs", args.epochs, args.progress)
         add(df, sc)
-    # (ii) toy CLIP
-    toy = load_backbone(TOY_ARCH, str(toy_path), image_size=S, layers=layers, device="cpu")
-    add(*training_free_reference(toy, test_sets(), TRAINING_FREE))
-    df, sc, configs["toy CLIP"], _ = train_and_evaluate(
-        TOY_NAME, toy, {**dict(backbone=TOY_ARCH, pretrained=str(toy_path), image_size=S, layers=layers), **extra},
-        train_ds, test_sets(), args.seeds, work / "runs", args.epochs, args.progress)
-    add(df, sc)
+    # (ii) the toy CLIPs, one per pretraining seed (rows carry pretrain_seed: a run is (pretraining, training) seed)
+    for toy_path, ps in zip(toy_paths, args.pretrain_seeds):
+        toy = load_backbone(TOY_ARCH, str(toy_path), image_size=S, layers=layers, device="cpu")
+        add(*(f.assign(pretrain_seed=ps) for f in training_free_reference(toy, test_sets(), TRAINING_FREE)))
+        df, sc, configs["toy CLIP"], _ = train_and_evaluate(
+            TOY_NAME, toy, {**dict(backbone=TOY_ARCH, pretrained=str(toy_path), image_size=S, layers=layers),
+                            **extra}, train_ds, test_sets(), args.seeds, work / f"runs-pretrain{ps}", args.epochs,
+            args.progress)
+        add(df.assign(pretrain_seed=ps), sc.assign(pretrain_seed=ps))
     if args.with_tiny:
         torch.manual_seed(0)
         tiny = load_backbone("bpfl-tiny", None, image_size=224, layers=default_layers("bpfl-tiny"), device="cpu")
@@ -188,7 +203,7 @@ def main(argv=None) -> int:
         add(df, sc)
     all_rows = pd.concat(frames, ignore_index=True)
     all_scores = pd.concat(score_frames, ignore_index=True)
-    write(all_rows, all_scores, meta, configs, machine, args, toy_path, time.perf_counter() - t_start)
+    write(all_rows, all_scores, metas, configs, machine, args, toy_paths, time.perf_counter() - t_start)
     return 0
 
 
@@ -239,7 +254,8 @@ def method_table(summary: pd.DataFrame, ci: pd.DataFrame | None) -> tuple[list[s
     order = [m for m in summary.index if "random" in m] + \
         [m for m in summary.index if m.startswith("Bayes-PFL, toy")] + [TRAINING_FREE] + sorted(classical.index)
     order = [m for m in order if m in summary.index]
-    deterministic = lambda m: m.startswith("classical") or m == TRAINING_FREE  # noqa: E731
+    def deterministic(m: str) -> bool:  # one run: the classical reference; training-free with one toy CLIP
+        return m.startswith("classical") or (m == TRAINING_FREE and summary.loc[m, "n_seeds"] == 1)
     ci = ci.set_index("method") if ci is not None and len(ci) else None
 
     def fmt(m, key):
@@ -247,7 +263,7 @@ def method_table(summary: pd.DataFrame, ci: pd.DataFrame | None) -> tuple[list[s
         if r["n_seeds"] > 1 and not deterministic(m):
             return f"{r[key + '_mean']:.3f} ± {r[key + '_std']:.3f}"
         return f"{r[key + '_mean']:.3f}"
-    lines = ["| method | pixel AUROC | image AUROC | image AUROC, 95 % interval over test images | seeds |",
+    lines = ["| method | pixel AUROC | image AUROC | image AUROC, 95 % interval over test images | runs |",
              "|---|---|---|---|---|"]
     for m in order:
         marks = [w for w, b in (("best pixel", best_pix), ("best image", best_img)) if m == b]
@@ -259,8 +275,44 @@ def method_table(summary: pd.DataFrame, ci: pd.DataFrame | None) -> tuple[list[s
     return lines, best_pix, best_img
 
 
-def write(rows: pd.DataFrame, scores: pd.DataFrame, meta: dict, configs: dict,
-          machine: str, args, toy_path: Path, seconds: float) -> None:
+def pretraining_lines(toy_path: Path, meta: dict) -> list[str]:
+    """What one toy CLIP's record says about its pretraining (time, CPU, peak memory)."""
+    s = meta.get("settings", {})
+    nan = float("nan")
+    final = (f", the last {s.get('final_steps')} steps at {s.get('final_image_size')} px"
+             if s.get("final_image_size") and s.get("final_steps") else "")
+    return [f"- `{toy_path}` ({meta.get('arch', TOY_ARCH)}, pretraining seed {s.get('seed')}): {s.get('steps')} "
+            f"steps x batch {s.get('batch_size')} = {meta.get('images_seen')} generated images at "
+            f"{s.get('image_size')} px{final}; held-out families: {', '.join(s.get('held_out_families', []))}",
+            f"  - wall time **{meta.get('seconds', nan) / 60:.1f} min**; CPU time (user + system, all threads) of "
+            f"the training process {meta.get('cpu_seconds_process', nan) / 60:.1f} min"
+            + (f", of the batch-generator process {meta['cpu_seconds_children'] / 60:.1f} min"
+               if meta.get("cpu_seconds_children") else "")
+            + f"; torch threads: {meta.get('threads')}",
+            f"  - peak memory (max RSS) **{meta.get('peak_rss_mb', nan):.0f} MiB** (training process)"
+            + (f", {meta['peak_rss_mb_worker']:.0f} MiB (batch-generator process, forked: it shares most pages "
+               "with the first)" if meta.get("peak_rss_mb_worker") else "")]
+
+
+def pretraining_seed_table(rows: pd.DataFrame) -> list[str]:
+    """Per toy CLIP (pretraining seed): Bayes-PFL (mean over training seeds) and training-free AUROC."""
+    if "pretrain_seed" not in rows or rows.pretrain_seed.nunique() < 2:
+        return []
+    r = rows.dropna(subset=["pretrain_seed"])
+    per = r.groupby(["pretrain_seed", "method", "seed"])[["pixel_auroc", "image_auroc"]].mean()
+    per = per.groupby(["pretrain_seed", "method"]).mean()
+    lines = ["| pretraining seed | Bayes-PFL pixel AUROC | Bayes-PFL image AUROC | training-free pixel AUROC | "
+             "training-free image AUROC |", "|---|---|---|---|---|"]
+    for ps in sorted(r.pretrain_seed.unique()):
+        def get(m, k):
+            return f"{per.at[(ps, m), k]:.3f}" if (ps, m) in per.index else ""
+        lines.append(f"| {int(ps)} | {get(TOY_NAME, 'pixel_auroc')} | {get(TOY_NAME, 'image_auroc')} | "
+                     f"{get(TRAINING_FREE, 'pixel_auroc')} | {get(TRAINING_FREE, 'image_auroc')} |")
+    return lines
+
+
+def write(rows: pd.DataFrame, scores: pd.DataFrame, metas: list[dict], configs: dict,
+          machine: str, args, toy_paths: list[Path], seconds: float) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out.with_suffix(".csv"), index=False)
@@ -277,28 +329,23 @@ def write(rows: pd.DataFrame, scores: pd.DataFrame, meta: dict, configs: dict,
         if m.startswith("classical") and m not in (best_pix, best_img):
             continue
         cat_lines.append(f"| {m} | {c} | {r.pixel_auroc:.3f} | {r.image_auroc:.3f} |")
-    branch = ["| Bayes-PFL | image AUROC of s = s_text + max(M) | s_text only | max(M) only |", "|---|---|---|---|"]
+    branch = ["| Bayes-PFL | image AUROC of s = s_text + max(M) | s_text only | max(M) only | released fusion |",
+              "|---|---|---|---|---|"]
     if "image_auroc_s_text_only" in large_rows:
-        per_seed = large_rows.dropna(subset=["image_auroc_s_text_only"]).groupby(["method", "seed"])[
-            ["image_auroc", "image_auroc_s_text_only", "image_auroc_max_map_only"]].mean()
+        parts = ["image_auroc", "image_auroc_s_text_only", "image_auroc_max_map_only", "image_auroc_released_fusion"]
+        with_parts = large_rows.dropna(subset=["image_auroc_s_text_only"])
+        per_seed = with_parts.assign(run=run_ids(with_parts)).groupby(["method", "run"])[
+            [c for c in parts if c in large_rows]].mean()
         for m, r in per_seed.groupby("method").mean().iterrows():
-            branch.append(f"| {m} | {r.image_auroc:.3f} | {r.image_auroc_s_text_only:.3f} | "
-                          f"{r.image_auroc_max_map_only:.3f} |")
-    s = meta.get("settings", {})
-    nan = float("nan")
-    final = (f", the last {s.get('final_steps')} steps at {s.get('final_image_size')} px"
-             if s.get("final_image_size") and s.get("final_steps") else "")
-    pre = [f"- checkpoint: `{toy_path}` ({meta.get('arch', TOY_ARCH)}, seed {s.get('seed')})",
-           f"- {s.get('steps')} steps x batch {s.get('batch_size')} = {meta.get('images_seen')} generated images "
-           f"at {s.get('image_size')} px{final}; held-out families: {', '.join(s.get('held_out_families', []))}",
-           f"- pretraining wall time: **{meta.get('seconds', nan) / 60:.1f} min**; CPU time (user + system, all "
-           f"threads) of the training process: {meta.get('cpu_seconds_process', nan) / 60:.1f} min"
-           + (f", of the batch-generator process: {meta['cpu_seconds_children'] / 60:.1f} min"
-              if meta.get("cpu_seconds_children") else "")
-           + f"; torch threads: {meta.get('threads')}",
-           f"- peak memory (max RSS): **{meta.get('peak_rss_mb', nan):.0f} MiB** (training process)"
-           + (f", {meta['peak_rss_mb_worker']:.0f} MiB (batch-generator process, forked: it shares most pages "
-              "with the first)" if meta.get("peak_rss_mb_worker") else "")]
+            branch.append(f"| {m} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in parts) + " |")
+    S, k = args.image_size, released_topk(UNSEEN[0])
+    pre = [line for path, meta in zip(toy_paths, metas) for line in pretraining_lines(path, meta)]
+    n_pre = len(toy_paths)
+    ps_table = pretraining_seed_table(rows[rows.test_set == LARGE_TEST_SET])
+    ps_section = ("" if not ps_table else
+                  "## Per toy CLIP (large test set)\n\nThe same recipe pretrained with seeds "
+                  f"{args.pretrain_seeds}: how much of the result is the pretraining run.\n\n"
+                  + "\n".join(ps_table) + "\n\n")
     same_seed = args.large_seed is None or args.large_seed == json.loads(
         (Path(args.data_root) / "bpfl_synthetic.json").read_text())["seed"]
     large_how = ("generated with the same seed and recipe, so it *contains* the default split (image i of a kind "
@@ -309,14 +356,16 @@ def write(rows: pd.DataFrame, scores: pd.DataFrame, meta: dict, configs: dict,
 Zero-shot on the synthetic dataset's **unseen** categories ({', '.join(UNSEEN)}), held out of both the
 toy CLIP's pretraining (families and class words) and Bayes-PFL training (trained on the test split of the
 seen categories {', '.join(SEEN)}, as in the paper's protocol). Images at {args.image_size} px. Metrics are the
-unweighted means over the 4 categories; Bayes-PFL rows are mean ± std over training seeds {args.seeds}
-(sample std). Written by `benchmarks/toy_clip_transfer.py` in {seconds / 60:.0f} min.
+unweighted means over the 4 categories, then mean ± std (sample std) over the runs: Bayes-PFL training seeds
+{args.seeds}, and for the toy CLIP rows each of them on each of {n_pre} toy CLIP(s) pretrained with seeds
+{args.pretrain_seeds} ({n_pre} x {len(args.seeds)} runs; the training-free row: {n_pre} run(s)). Written by
+`benchmarks/toy_clip_transfer.py` in {seconds / 60:.0f} min.
 
 **Test sets.** The synthetic dataset's default split has only 8 normal and 12 anomalous images per category:
 one image moves an image AUROC by up to 1/8, and the spread over training seeds does not show that noise.
 The headline table therefore uses a **large** test set of {args.test_good} normal + {args.test_anomalous}
 anomalous images per unseen category, {large_how} The interval column is a 95 % percentile
-bootstrap over the test images (stratified, 2000 replicates, the same draw for every seed of a method).
+bootstrap over the test images (stratified, 2000 replicates, the same draw for every run of a method).
 
 ## Large test set ({args.test_good} + {args.test_anomalous} images per unseen category)
 
@@ -334,12 +383,14 @@ test images -- an optimistic reference on purpose).
 
 ## Which part of the image score separates the images (large test set)
 
-The image score is s = s_text + max(M) (§3.5); the same models' image AUROC from each part alone (mean over
-categories and seeds):
+The image score is s = s_text + max(M) (§3.5); the same models' image AUROC from each part alone, and from the
+released code's fusion of the same maps (`image_score="released"`: per category 0.5 minmax(s_text) +
+0.5 minmax(mean of the top-k values of M), k = {k} as in the released code for these category names: {k / S ** 2:.1%} of
+a {S} px map, {k / 518 ** 2:.1%} of a 518 px one), mean over categories and runs:
 
 {chr(10).join(branch)}
 
-## Pretraining (this machine)
+{ps_section}## Pretraining (this machine)
 
 {chr(10).join(pre)}
 

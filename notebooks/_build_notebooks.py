@@ -1337,12 +1337,13 @@ from bpfl.toyclip.transfer import compare_backbones, measured_table
 measured = measured_table()
 if measured is not None:
     display(Markdown("**Measured** (`benchmarks/results/toy_clip_transfer.md`; 320 test images of the unseen categories, "
-                     "mean over categories, ± over training seeds, 95 % interval over the test images):"))
+                     "mean over categories, ± over runs: training seeds, times 3 pretrainings of the toy CLIP; "
+                     "95 % interval over the test images):"))
     display(measured)
 toy_path = ensure_toy_clip()     # $BPFL_CACHE/toyclip/bpfl-toy-seed0.pt, or None
 if toy_path is None:
     print("No toy CLIP checkpoint on this machine: build it once with `bpfl pretrain-toy-clip` "
-          "(about 35 min on 2 CPU cores) and run this cell again for the live comparison and its maps.")
+          "(20-35 min on 2 CPU cores) and run this cell again for the live comparison and its maps.")
 else:
     cmp = compare_backbones(toy_path, S.synthetic_root(), S.checkpoint_root / "toy-vs-random",
                             seeds=S.scale.seeds[:1], epochs=cfg.epochs, n_show=S.scale.n_show)
@@ -1365,7 +1366,8 @@ else:
             "the maps.",
             "Transfer to unseen categories comes from the backbone's pretraining: on random weights Bayes-PFL's maps "
             "are near chance there (pixel AUROC ≈ 0.53), on the kit's toy CLIP they reach ≈ 0.88 (section 7's measured "
-            "table; its image AUROC, ≈ 0.82, shows what a small CLIP cannot do yet).",
+            "table; its image AUROC, ≈ 0.80, and its tie with a classical detector show what a small CLIP cannot "
+            "do yet).",
         ], [
             "In the R slider, find an image whose score changes most between R = 1 and R = R_max. Is its s_text or "
             "its s_img the unstable part?",

@@ -432,3 +432,97 @@ def test_readme_and_docs_quote_the_committed_transfer_table():
     assert ci in readme and ci.replace("-", " – ") in docs
     met = t.loc[TOY_NAME, "image AUROC"] >= 0.85
     assert met or "not reached" in readme, "the image-AUROC target is not met: the README must say so"
+
+
+def test_released_fusion_column_equals_evaluating_with_the_released_switch(tmp_path):
+    """train_and_evaluate's image_auroc_released_fusion is what evaluate() gives under image_score="released"."""
+    import dataclasses
+
+    from bpfl.backbone import load_backbone
+    from bpfl.data import SYNTHETIC_GROUPS, make_synthetic_dataset, open_dataset
+    from bpfl.evaluate import evaluate
+    from bpfl.toyclip.transfer import train_and_evaluate
+
+    root = tmp_path / "syn"
+    make_synthetic_dataset(root, seed=0, preset="tiny")
+    train_ds = open_dataset(root, split="test", categories=SYNTHETIC_GROUPS["seen"], image_size=64)
+    test_ds = open_dataset(root, split="test", categories=SYNTHETIC_GROUPS["unseen"], image_size=64)
+    torch.manual_seed(0)
+    bb = load_backbone(P.TOY_ARCH, None, image_size=64, layers=P.toy_layers(P.TOY_ARCH))
+    rows, scores, _, models = train_and_evaluate("m", bb, dict(backbone=P.TOY_ARCH, image_size=64,
+                                                              layers=P.toy_layers(P.TOY_ARCH)),
+                                                 train_ds, test_ds, [0], tmp_path / "runs", epochs=1)
+    model = models[0]
+    model.config = dataclasses.replace(model.config, image_score="released")
+    res = evaluate(model, test_ds, seed=0, progress=False)
+    fused = rows.set_index("category")["image_auroc_released_fusion"]
+    assert set(fused.index) == set(res.per_category)
+    for cat, r in res.per_category.items():
+        assert abs(fused[cat] - r["image_auroc"]) < 1e-12, cat
+    # the fusion is a different score from the paper's sum on at least one category (else the test shows nothing)
+    paper = rows.set_index("category")["image_auroc"]
+    assert not np.allclose(paper.to_numpy(), fused.loc[paper.index].to_numpy())
+
+
+def test_runs_of_several_pretrainings_are_counted_and_summarised_apart():
+    """With pretrain_seed, a run is (pretraining seed, training seed): two toy CLIPs x one seed = two runs."""
+    import pandas as pd
+
+    from bpfl.toyclip.transfer import bootstrap_image_auroc, run_ids, summarize
+
+    rows = pd.DataFrame([{"method": "toy", "seed": 0, "pretrain_seed": ps, "category": c, "pixel_auroc": px,
+                          "image_auroc": im} for ps, px, im in ((0, 0.8, 0.6), (1, 0.9, 0.8)) for c in "ab"]
+                        + [{"method": "classical", "seed": 0, "pretrain_seed": np.nan, "category": c,
+                            "pixel_auroc": 0.7, "image_auroc": 0.7} for c in "ab"])
+    assert list(run_ids(rows)) == ["0/0", "0/0", "1/0", "1/0", "0", "0"]
+    s = summarize(rows)
+    assert s.at["toy", "n_seeds"] == 2 and s.at["classical", "n_seeds"] == 1
+    assert abs(s.at["toy", "image_auroc_mean"] - 0.7) < 1e-12
+    assert abs(s.at["toy", "image_auroc_std"] - np.std([0.6, 0.8], ddof=1)) < 1e-12
+    # the bootstrap keeps the two pretrainings' scores of the same image apart (one column each)
+    scores = pd.DataFrame([{"method": "toy", "seed": 0, "pretrain_seed": ps, "test_set": "t", "category": "a",
+                            "path": f"p{i}", "label": i % 2, "score": float(i if ps == 0 else 10 * (i % 2))}
+                           for ps in (0, 1) for i in range(6)])
+    ci = bootstrap_image_auroc(scores, n_boot=50).iloc[0]
+    # pretraining 0 ranks 6 of the 9 (anomalous, normal) pairs right, pretraining 1 all 9; averaging their scores
+    # per image first would give 1.0
+    assert ci.n_seeds == 2 and abs(ci.image_auroc - 0.5 * (6 / 9 + 1.0)) < 1e-12
+
+
+def test_transfer_benchmark_runs_each_toy_clip_and_writes_the_tables(tmp_path):
+    """benchmarks/toy_clip_transfer.py at smoke size, two toy CLIPs: rows per pretraining seed, runs counted."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    from bpfl.data import make_synthetic_dataset
+    from bpfl.toyclip.transfer import TOY_NAME, summarize
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_clip_transfer.py"
+    spec = importlib.util.spec_from_file_location("toy_clip_transfer_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("toy_clip_transfer_bench", bench)
+    spec.loader.exec_module(bench)
+    toys = [pretrain_toy_clip(tmp_path / f"toy{s}.pt", seed=s, steps=2, batch_size=4, image_size=SIZE,
+                              progress=False, checkpoint_every=0).path for s in (3, 5)]
+    data = tmp_path / "syn"
+    make_synthetic_dataset(data, seed=0, preset="tiny")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--toy-clip", *map(str, toys), "--pretrain-seeds", "3", "5", "--seeds", "0",
+                           "--epochs", "1", "--image-size", "64", "--test-good", "2", "--test-anomalous", "2",
+                           "--skip-random", "--data", str(data), "--work", str(tmp_path / "work"),
+                           "--out", str(tmp_path / "out" / "t")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = pd.read_csv(tmp_path / "out" / "t.csv")
+    toy = rows[rows.method == TOY_NAME]
+    assert set(toy.pretrain_seed) == {3, 5} and set(toy.test_set) == {"large", "default"}
+    assert summarize(rows, "large").at[TOY_NAME, "n_seeds"] == 2
+    scores = pd.read_csv(tmp_path / "out" / "t_scores.csv")
+    assert len(scores[(scores.method == TOY_NAME) & (scores.test_set == "large")]) == 2 * 4 * (2 + 2)
+    md = (tmp_path / "out" / "t.md").read_text()
+    assert "## Per toy CLIP" in md and "pretraining seed 3" in md and "pretraining seed 5" in md
+    assert "released fusion" in md

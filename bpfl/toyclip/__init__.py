@@ -7,7 +7,7 @@ holding out the families of the synthetic dataset's ``unseen`` categories. A tea
 substitute for OpenAI's CLIP. See ``docs/toy_clip.md``.
 
     from bpfl.toyclip import ensure_toy_clip, toy_bayespfl_overrides
-    path = ensure_toy_clip(build=True)                          # ~35 min on 2 CPU cores, once
+    path = ensure_toy_clip(build=True)                          # 20-35 min on 2 CPU cores, once
     cfg = BayesPFLConfig.teaching(**toy_bayespfl_overrides(path))
 """
 from .generator import (COLOURS, DEFAULT_HELD_OUT, DEFECT_KINDS, FAMILIES, HELD_OUT_WORDS, Caption, ToySample,

@@ -54,7 +54,7 @@ TOY_ARCH = "bpfl-toy"
 #: Size Bayes-PFL uses the toy CLIP at (14 x 14 patch grid) and the size it is pretrained at (8 x 8 grid).
 TOY_IMAGE_SIZE = 112
 TOY_PRETRAIN_SIZE = 64
-#: Default pretraining length: 2000 x 48 = 96k generated images at 64 px (33 min wall on a quiet 2-core VM:
+#: Default pretraining length: 2000 x 48 = 96k generated images at 64 px (19-33 min wall on a 2-core VM, by VM speed:
 #: torch on one core, the batch generator on the other; docs/toy_clip.md).
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 48
@@ -534,35 +534,37 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     threads_used = torch.get_num_threads()
     batches = batch_iterator(settings, step, end, workers)
-    while step < end:
-        if step == final_phase_start(settings):
-            grow_image_size(clip, int(settings.final_image_size), optimizer)
-        batch = next(batches)
-        rng = np.random.default_rng([settings.seed, 0xD3A5E, step])  # dense-prompt wording of this step
-        losses = pretrain_losses(clip, probes, tokenizer, batch, settings, rng)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(list(clip.parameters()) + list(probes.parameters()), 1.0)
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        n_sum += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-        if step % log_every == 0 or step == end:
-            history.append({"step": step, **{k: round(v / n_sum, 5) for k, v in sums.items()},
-                            "logit_scale": round(float(clip.logit_scale.detach().exp()), 3),
-                            "seconds": round(elapsed + time.perf_counter() - t0, 1)})
-            sums, n_sum = {}, 0
-        if checkpoint_every and step % checkpoint_every == 0 and step < settings.steps:
-            save_state()
-    bar.close()
-    torch.set_num_threads(threads_before)
-    del batches  # ends the generator worker (its peak RSS then counts in RUSAGE_CHILDREN)
+    try:
+        while step < end:
+            if step == final_phase_start(settings):
+                grow_image_size(clip, int(settings.final_image_size), optimizer)
+            batch = next(batches)
+            rng = np.random.default_rng([settings.seed, 0xD3A5E, step])  # dense-prompt wording of this step
+            losses = pretrain_losses(clip, probes, tokenizer, batch, settings, rng)
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(list(clip.parameters()) + list(probes.parameters()), 1.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n_sum += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+            if step % log_every == 0 or step == end:
+                history.append({"step": step, **{k: round(v / n_sum, 5) for k, v in sums.items()},
+                                "logit_scale": round(float(clip.logit_scale.detach().exp()), 3),
+                                "seconds": round(elapsed + time.perf_counter() - t0, 1)})
+                sums, n_sum = {}, 0
+            if checkpoint_every and step % checkpoint_every == 0 and step < settings.steps:
+                save_state()
+    finally:  # also on Ctrl-C (the state of the last checkpoint_every step is on disk)
+        bar.close()
+        torch.set_num_threads(threads_before)
+        del batches  # ends the generator worker (its peak RSS then counts in RUSAGE_CHILDREN)
     seconds = elapsed + time.perf_counter() - t0
     if step < settings.steps:  # stopped early on purpose: keep the state for resuming
         save_state()

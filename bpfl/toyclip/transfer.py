@@ -111,10 +111,11 @@ def train_and_evaluate(name: str, backbone, overrides: dict, train_ds, test_ds, 
                        ) -> tuple[pd.DataFrame, pd.DataFrame, dict, list]:
     """Per seed: Bayes-PFL (``BayesPFLConfig.teaching(**overrides)``) trained on ``train_ds``, evaluated on
     ``test_ds`` (a dataset, or ``{name: dataset}`` to evaluate each trained model on several test sets).
-    Returns rows (method=name, seed, test_set, category, pixel/image AUROC and AP, train seconds), per-image
-    scores, the last seed's config and the trained models (one per seed)."""
+    Returns rows (method=name, seed, test_set, category, pixel/image AUROC and AP, the image AUROC of each part
+    of s = s_text + max(M) alone and of the released code's fusion, train seconds), per-image scores, the last
+    seed's config and the trained models (one per seed)."""
     from ..config import BayesPFLConfig
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, released_image_scores, released_topk
     from ..model import BayesPFL
     from ..train import train
     rows, score_rows, models = [], [], []
@@ -137,6 +138,9 @@ def train_and_evaluate(name: str, backbone, overrides: dict, train_ds, test_ds, 
                              "pixel_ap": r.get("pixel_ap"), "image_ap": r.get("image_ap"),
                              "image_auroc_s_text_only": M.roc_auc(g.label.to_numpy(), g.text_score.to_numpy()),
                              "image_auroc_max_map_only": M.roc_auc(g.label.to_numpy(), g.map_max.to_numpy()),
+                             # the released code's fusion (config image_score="released"), same maps
+                             "image_auroc_released_fusion": M.roc_auc(g.label.to_numpy(), released_image_scores(
+                                 g.text_score.to_numpy(), g[f"map_top{released_topk(cat)}_mean"].to_numpy(), cat)),
                              "train_seconds": round(t_train, 1)})
                 score_rows += _score_rows(name, seed, test_set, cat, g.path, g.label.to_numpy(),
                                           g.image_score.to_numpy())
@@ -145,11 +149,24 @@ def train_and_evaluate(name: str, backbone, overrides: dict, train_ds, test_ds, 
     return pd.DataFrame(rows), pd.DataFrame(score_rows), cfg.to_dict(), models
 
 
+def run_ids(df: pd.DataFrame) -> pd.Series:
+    """One id per run: the Bayes-PFL training ``seed``, and where a ``pretrain_seed`` column is filled (several
+    toy CLIPs pretrained with different seeds) ``"<pretrain_seed>/<seed>"``."""
+    seed = df["seed"].astype(str)
+    if "pretrain_seed" not in df:
+        return seed
+    ps = df["pretrain_seed"]
+    has = ps.notna()
+    return seed.where(~has, ps.where(has, 0).astype(int).astype(str) + "/" + seed)
+
+
 def summarize(df: pd.DataFrame, test_set: str | None = None) -> pd.DataFrame:
-    """Category mean per (method, seed), then mean ± std over seeds (rows of ``test_set`` only, if given)."""
+    """Category mean per (method, run), then mean ± std over runs (rows of ``test_set`` only, if given). A run is
+    a training seed, or a (pretraining seed, training seed) pair where rows carry ``pretrain_seed``
+    (:func:`run_ids`); ``n_seeds`` counts runs."""
     if test_set is not None and "test_set" in df:
         df = df[df.test_set == test_set]
-    per_seed = df.groupby(["method", "seed"])[["pixel_auroc", "image_auroc"]].mean()
+    per_seed = df.assign(run=run_ids(df)).groupby(["method", "run"])[["pixel_auroc", "image_auroc"]].mean()
     g = per_seed.groupby("method")
     out = pd.DataFrame({"pixel_auroc_mean": g["pixel_auroc"].mean(), "pixel_auroc_std": g["pixel_auroc"].std(ddof=1),
                         "image_auroc_mean": g["image_auroc"].mean(), "image_auroc_std": g["image_auroc"].std(ddof=1),
@@ -163,7 +180,8 @@ def bootstrap_image_auroc(scores: pd.DataFrame, n_boot: int = 2000, level: float
 
     ``scores``: one row per (method, seed, test_set, category, path) with ``label`` and ``score`` (what the
     measuring functions return). A replicate redraws, per category, the normal and the anomalous images with
-    replacement (stratified: both counts stay fixed) and applies the same draw to every seed of a method.
+    replacement (stratified: both counts stay fixed) and applies the same draw to every seed (run,
+    :func:`run_ids`) of a method.
     With the Mann-Whitney pair matrix C[s, i, j] = [a_i > n_j] + 0.5 [a_i = n_j] of seed s and the draw's
     multiplicities w, a replicate's AUROC is w_a C w_n / (n_a n_n). Returns one row per (method, test_set):
     ``image_auroc`` (the point estimate, equal to :func:`summarize`'s mean), ``ci_low``, ``ci_high``,
@@ -174,7 +192,8 @@ def bootstrap_image_auroc(scores: pd.DataFrame, n_boot: int = 2000, level: float
     for (method, test_set), g in scores.groupby(["method", "test_set"], sort=False):
         reps, point, n_cat, n_img = np.zeros(n_boot), 0.0, 0, 0
         for _cat, gc in g.groupby("category", sort=False):
-            table = gc.pivot_table(index="path", columns="seed", values="score")  # images x seeds
+            runs = gc.assign(run=run_ids(gc))
+            table = runs.pivot_table(index="path", columns="run", values="score")  # images x runs
             labels = gc.drop_duplicates("path").set_index("path").label.reindex(table.index).to_numpy()
             vals = table.to_numpy()
             a, n = vals[labels == 1].T, vals[labels == 0].T  # [S, n_a], [S, n_n]
@@ -192,7 +211,7 @@ def bootstrap_image_auroc(scores: pd.DataFrame, n_boot: int = 2000, level: float
             continue
         lo, hi = np.quantile(reps / n_cat, [(1 - level) / 2, (1 + level) / 2])
         out.append({"method": method, "test_set": test_set, "image_auroc": point / n_cat, "ci_low": float(lo),
-                    "ci_high": float(hi), "n_images": n_img, "n_seeds": int(g.seed.nunique())})
+                    "ci_high": float(hi), "n_images": n_img, "n_seeds": int(run_ids(g).nunique())})
     return pd.DataFrame(out)
 
 
