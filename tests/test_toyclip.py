@@ -395,8 +395,8 @@ def test_measured_table_summarises_the_committed_csv(tmp_path):
     import pandas as pd
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
     t = measured_table(tmp_path / "t.csv")
-    assert t.loc["m", "pixel AUROC"] == 0.85 and t.loc["m", "image AUROC"] == 0.65 and t.loc["m", "seeds"] == 2
-    assert abs(t.loc["m", "pixel ± (seeds)"] - round(float(np.std([0.8, 0.9], ddof=1)), 3)) < 1e-9
+    assert t.loc["m", "pixel AUROC"] == 0.85 and t.loc["m", "image AUROC"] == 0.65 and t.loc["m", "runs"] == 2
+    assert abs(t.loc["m", "pixel ± (runs)"] - round(float(np.std([0.8, 0.9], ddof=1)), 3)) < 1e-9
     # two test sets: the large one is summarised by default, and the per-image scores beside it add an interval
     from bpfl.toyclip.transfer import DEFAULT_TEST_SET, LARGE_TEST_SET
     rows2 = [{**r, "test_set": LARGE_TEST_SET} for r in rows] + \

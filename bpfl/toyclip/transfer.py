@@ -303,9 +303,10 @@ def compare_backbones(toy_path: str | Path, data_root: str | Path, out_dir: str 
 
 def measured_table(path: str | Path | None = None, test_set: str | None = None) -> pd.DataFrame | None:
     """The committed measurement of ``benchmarks/toy_clip_transfer.py`` (``benchmarks/results/toy_clip_transfer.csv``)
-    summarised per method (mean ± std over seeds; with the bootstrap interval over test images when the per-image
-    scores ``<name>_scores.csv`` lie beside it), on ``test_set`` (default: :data:`LARGE_TEST_SET` where the file
-    has several), or None where the file is absent (e.g. an installed package)."""
+    summarised per method (mean ± std over runs, :func:`run_ids`; with the bootstrap interval over test images
+    when the per-image scores ``<name>_scores.csv`` lie beside it), on ``test_set`` (default:
+    :data:`LARGE_TEST_SET` where the file has several), or None where the file is absent (e.g. an installed
+    package)."""
     p = Path(path) if path else Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "toy_clip_transfer.csv"
     if not p.is_file():
         return None
@@ -313,9 +314,9 @@ def measured_table(path: str | Path | None = None, test_set: str | None = None) 
     if test_set is None and "test_set" in rows and rows.test_set.nunique() > 1:
         test_set = LARGE_TEST_SET
     s = summarize(rows, test_set)
-    table = pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean.round(3), "pixel ± (seeds)": s.pixel_auroc_std.round(3),
-                          "image AUROC": s.image_auroc_mean.round(3), "image ± (seeds)": s.image_auroc_std.round(3),
-                          "seeds": s.n_seeds})
+    table = pd.DataFrame({"pixel AUROC": s.pixel_auroc_mean.round(3), "pixel ± (runs)": s.pixel_auroc_std.round(3),
+                          "image AUROC": s.image_auroc_mean.round(3), "image ± (runs)": s.image_auroc_std.round(3),
+                          "runs": s.n_seeds})
     scores_path = p.with_name(p.stem + "_scores.csv")
     if scores_path.is_file():
         sc = pd.read_csv(scores_path)
