@@ -175,6 +175,7 @@ def main(argv=None) -> int:
 
     # (iii) classical reference on the same unseen images, at the same size
     add(*classical_reference(test_sets(normalize=False)))
+    eval_sets = test_sets()  # CLIP-normalised, shared by every Bayes-PFL and training-free run
     layers = toy_layers(TOY_ARCH)
     # (i) random backbone, same architecture
     if not args.skip_random:
@@ -182,15 +183,15 @@ def main(argv=None) -> int:
         rnd = load_backbone(TOY_ARCH, None, image_size=S, layers=layers, device="cpu")
         df, sc, configs["random bpfl-toy"], _ = train_and_evaluate(
             RANDOM_NAME, rnd, {**dict(backbone=TOY_ARCH, pretrained=None, image_size=S, layers=layers), **extra},
-            train_ds, test_sets(), args.seeds, work / "runs", args.epochs, args.progress)
+            train_ds, eval_sets, args.seeds, work / "runs", args.epochs, args.progress)
         add(df, sc)
     # (ii) the toy CLIPs, one per pretraining seed (rows carry pretrain_seed: a run is (pretraining, training) seed)
     for toy_path, ps in zip(toy_paths, args.pretrain_seeds):
         toy = load_backbone(TOY_ARCH, str(toy_path), image_size=S, layers=layers, device="cpu")
-        add(*(f.assign(pretrain_seed=ps) for f in training_free_reference(toy, test_sets(), TRAINING_FREE)))
+        add(*(f.assign(pretrain_seed=ps) for f in training_free_reference(toy, eval_sets, TRAINING_FREE)))
         df, sc, configs["toy CLIP"], _ = train_and_evaluate(
             TOY_NAME, toy, {**dict(backbone=TOY_ARCH, pretrained=str(toy_path), image_size=S, layers=layers),
-                            **extra}, train_ds, test_sets(), args.seeds, work / f"runs-pretrain{ps}", args.epochs,
+                            **extra}, train_ds, eval_sets, args.seeds, work / f"runs-pretrain{ps}", args.epochs,
             args.progress)
         add(df.assign(pretrain_seed=ps), sc.assign(pretrain_seed=ps))
     if args.with_tiny:

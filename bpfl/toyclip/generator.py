@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -325,17 +326,11 @@ PHOTO_SOURCES = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", 
                  "clock")
 
 
+@lru_cache(maxsize=None)
 def _photo_luminance(name: str) -> np.ndarray:
-    """Luminance of a bundled scikit-image photo in [0, 1] (cached)."""
-    key = "photo:" + name
-    if key not in _PHOTO_CACHE:
-        import skimage.data
-        a = np.asarray(getattr(skimage.data, name)(), np.float32) / 255.0
-        _PHOTO_CACHE[key] = a if a.ndim == 2 else a[..., :3] @ np.asarray([0.299, 0.587, 0.114], np.float32)
-    return _PHOTO_CACHE[key]
-
-
-_PHOTO_CACHE: dict[str, np.ndarray] = {}
+    """Luminance of a bundled scikit-image photo in [0, 1] (the synthetic dataset's cached loader underneath)."""
+    a = _tex._skimage_texture(name).astype(np.float32) / 255.0
+    return a if a.ndim == 2 else a[..., :3] @ np.asarray([0.299, 0.587, 0.114], np.float32)
 
 
 def p_natural(rng, s):
