@@ -365,7 +365,7 @@ def _param_groups(clip: nn.Module, probes: nn.Module, weight_decay: float) -> li
 
 
 def make_optimizer(clip: nn.Module, probes: nn.Module, settings: PretrainSettings) -> torch.optim.AdamW:
-    """AdamW (betas 0.9/0.98, eps 1e-6), fused into one kernel where this torch build has it (4x faster on the
+    """AdamW (betas 0.9/0.98, eps 1e-6), fused into one kernel where this torch build has it (faster on the
     CPU: the 49408 x 64 token-embedding table is updated every step)."""
     kw = dict(lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
     try:
@@ -530,7 +530,7 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
-    elif workers > 0:  # one core generates the batches: leave it to the worker (measured 15 % faster on 2 cores)
+    elif workers > 0:  # one core generates the batches: leave it to the worker (timed faster on 2 cores, ad hoc)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     threads_used = torch.get_num_threads()
     batches = batch_iterator(settings, step, end, workers)
