@@ -115,11 +115,15 @@ def resolve_auto_backbone(device=None) -> tuple[str, str | None, int, str]:
     if not _offline_requested() and _reachable("huggingface.co"):
         return "ViT-B-16", "openai", 224, "OpenAI ViT-B-16 weights are downloadable (teaching scale, 224 px)"
     try:
-        from .toyclip import TOY_ARCH, TOY_IMAGE_SIZE, default_toy_clip_path
+        from .toyclip import TOY_ARCH, TOY_IMAGE_SIZE, default_toy_clip_path, recipe_differences
         path = default_toy_clip_path()
         if Path(path).is_file():
+            diff = recipe_differences(path)
+            stale = ("; built with an older recipe (" + ", ".join(f"{k}={a}, now {b}" for k, (a, b) in diff.items())
+                     + f"): rebuild it with `bpfl pretrain-toy-clip --no-resume`" if diff else "")
             return (TOY_ARCH, str(path), TOY_IMAGE_SIZE,
-                    f"the kit's toy-pretrained CLIP found at {path} (offline teaching stand-in, not OpenAI CLIP)")
+                    f"the kit's toy-pretrained CLIP found at {path} (offline teaching stand-in, not OpenAI CLIP)"
+                    + stale)
     except Exception:  # toy CLIP not available in this version
         pass
     return (TINY_BACKBONE, None, 224,

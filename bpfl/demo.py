@@ -52,6 +52,10 @@ def run_demo(args) -> int:
     banner(f"backbone: {name} ({pretrained or 'RANDOM weights'}) -- {reason}")
     overrides = dict(backbone=name, pretrained=pretrained, image_size=size, layers=default_layers(name),
                      seed=args.seed)
+    if pretrained:
+        from .toyclip import TOY_ARCH, TOY_BAYESPFL_LR
+        if name == TOY_ARCH:  # Bayes-PFL's learning rate on the toy CLIP (the preset's suits random weights)
+            overrides["lr"] = TOY_BAYESPFL_LR
     if args.tiny:
         overrides.update(epochs=1, test_samples=2, batch_size=4)
     if args.epochs is not None:

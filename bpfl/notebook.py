@@ -153,7 +153,7 @@ def fast_backbone() -> tuple[dict, str]:
             if path is not None:
                 return (toy_bayespfl_overrides(path),
                         f"the kit's toy-pretrained CLIP found at {path} (pretrained offline on procedural surfaces)")
-            why_not = "no toy CLIP checkpoint (build one with `bpfl pretrain-toy-clip`, 20-35 min on 2 CPU cores)"
+            why_not = "no toy CLIP checkpoint (build one with `bpfl pretrain-toy-clip`, 15-35 min on 2 CPU cores)"
         except Exception as e:  # the toy CLIP is optional
             why_not = f"toy CLIP unavailable ({type(e).__name__}: {e})"
         if choice == "toy":

@@ -253,9 +253,42 @@ def test_default_path_ensure_and_cli(tmp_path, monkeypatch):
     assert ensure_toy_clip() is None
     assert P.main(["--out", str(p), "--steps", "2", "--batch-size", "4", "--image-size", str(SIZE),
                    "--no-progress", "--checkpoint-every", "0"]) == 0
-    assert ensure_toy_clip() == p and p.is_file()
+    with pytest.warns(UserWarning, match="another recipe"):  # 2 steps of 4 images: not the default recipe
+        assert ensure_toy_clip() == p and p.is_file()
     over = P.toy_bayespfl_overrides(p)
     assert over["backbone"] == "bpfl-toy" and over["image_size"] == 112 and len(over["layers"]) == 4
+    # the CLI's defaults are the recipe's: only the settings given on the command line differ from it
+    assert P.recipe_differences(p) == {"steps": (2, P.DEFAULT_STEPS), "batch_size": (4, P.DEFAULT_BATCH),
+                                       "image_size": (SIZE, P.TOY_PRETRAIN_SIZE)}
+
+
+def test_a_toy_clip_built_with_an_older_recipe_is_used_with_a_warning(tmp_path, monkeypatch):
+    """A checkpoint from an older default (dense weight 1) is still found, and the user is told how to rebuild."""
+    import json
+    import warnings
+
+    monkeypatch.setenv("BPFL_CACHE", str(tmp_path / "cache"))
+    p = default_toy_clip_path()
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"weights")
+    assert P.recipe_differences(p) == {}  # no .json record: nothing to compare
+    settings = P.PretrainSettings().to_dict()
+    p.with_suffix(".json").write_text(json.dumps({"settings": settings}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ensure_toy_clip() == p  # today's recipe: no warning
+    p.with_suffix(".json").write_text(json.dumps({"settings": {**settings, "dense_weight": 1.0, "seed": 3}}))
+    assert P.recipe_differences(p) == {"dense_weight": (1.0, P.DEFAULT_DENSE_WEIGHT)}  # the seed is no recipe
+    with pytest.warns(UserWarning, match=r"dense_weight=1.0 \(default now 4.0\).*--no-resume"):
+        assert ensure_toy_clip() == p
+    # `bpfl demo --backbone auto` picks it and says so in its banner
+    import bpfl.backbone
+    from bpfl.cli import resolve_auto_backbone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(bpfl.backbone, "_cached_tag_file", lambda *a, **k: None)  # no real CLIP in any cache
+    name, pretrained, size, reason = resolve_auto_backbone()
+    assert (name, pretrained, size) == (P.TOY_ARCH, str(p), P.TOY_IMAGE_SIZE)
+    assert "older recipe (dense_weight=1.0, now 4.0)" in reason and "--no-resume" in reason
 
 
 def test_stream_dataset_batches_are_the_stream():
@@ -347,6 +380,17 @@ def test_natural_family_draws_bundled_photos_but_never_the_held_out_ones():
     assert pat.shape == (SIZE, SIZE) and pat.min() >= 0 and pat.max() <= 1 and pat.std() > 0.05
 
 
+def _explicit_resamples(g, draw, n_boot):
+    """Brute force of the bootstraps' draws for one category's score rows ``g``: per replicate b the resampled
+    image ids and their labels (multinomial counts drawn from ``draw``: anomalous images, then normal ones)."""
+    ids = {lab: sorted(g[g.label == lab].path.unique()) for lab in (1, 0)}
+    wa = draw.multinomial(len(ids[1]), np.full(len(ids[1]), 1 / len(ids[1])), size=n_boot)
+    wn = draw.multinomial(len(ids[0]), np.full(len(ids[0]), 1 / len(ids[0])), size=n_boot)
+    for b in range(n_boot):
+        yield b, np.r_[np.repeat(ids[1], wa[b]), np.repeat(ids[0], wn[b])], np.r_[np.ones(wa[b].sum()),
+                                                                                 np.zeros(wn[b].sum())]
+
+
 def test_bootstrap_interval_matches_a_brute_force_resample():
     import pandas as pd
     from sklearn.metrics import roc_auc_score
@@ -373,12 +417,7 @@ def test_bootstrap_interval_matches_a_brute_force_resample():
     draw = np.random.default_rng(5)
     reps = np.zeros(n_boot)
     for cat, g in scores.groupby("category", sort=False):
-        ids = {lab: sorted(g[g.label == lab].path.unique()) for lab in (1, 0)}
-        wa = draw.multinomial(len(ids[1]), np.full(len(ids[1]), 1 / len(ids[1])), size=n_boot)
-        wn = draw.multinomial(len(ids[0]), np.full(len(ids[0]), 1 / len(ids[0])), size=n_boot)
-        for b in range(n_boot):
-            pick = np.r_[np.repeat(ids[1], wa[b]), np.repeat(ids[0], wn[b])]
-            lab = np.r_[np.ones(wa[b].sum()), np.zeros(wn[b].sum())]
+        for b, pick, lab in _explicit_resamples(g, draw, n_boot):
             for seed in (0, 1):
                 sc = g[g.seed == seed].set_index("path").score
                 reps[b] += roc_auc_score(lab, sc.loc[pick].to_numpy()) / 4
@@ -526,3 +565,65 @@ def test_transfer_benchmark_runs_each_toy_clip_and_writes_the_tables(tmp_path):
     md = (tmp_path / "out" / "t.md").read_text()
     assert "## Per toy CLIP" in md and "pretraining seed 3" in md and "pretraining seed 5" in md
     assert "released fusion" in md
+    configs = json.loads(md.split("```json")[1].split("```")[0])
+    assert configs["toy CLIP"]["lr"] == P.TOY_BAYESPFL_LR  # the toy CLIP's Bayes-PFL learning rate
+
+
+def test_bayes_pfl_on_the_toy_clip_uses_its_learning_rate_in_the_demo_and_the_benchmark(tmp_path):
+    """toy_bayespfl_overrides, the demo and the transfer benchmark train Bayes-PFL on the toy CLIP at
+    TOY_BAYESPFL_LR; the demo on a random backbone keeps the teaching preset's."""
+    from bpfl.cli import main
+    from bpfl.config import BayesPFLConfig
+
+    assert P.TOY_BAYESPFL_LR != BayesPFLConfig.teaching().lr  # else this test shows nothing
+    assert BayesPFLConfig.teaching(**P.toy_bayespfl_overrides(tmp_path / "t.pt")).lr == P.TOY_BAYESPFL_LR
+    toy = pretrain_toy_clip(tmp_path / "toy.pt", seed=0, steps=2, batch_size=4, image_size=SIZE, progress=False,
+                            checkpoint_every=0, local_dir=False).path
+    common = ["demo", "--tiny", "--data", str(tmp_path / "data"), "--epochs", "1"]
+    assert main([*common, "--backbone", P.TOY_ARCH, "--pretrained", str(toy), "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["lr"] == P.TOY_BAYESPFL_LR
+    assert main([*common, "--backbone", "bpfl-tiny", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["lr"] == BayesPFLConfig.teaching().lr
+
+
+def test_paired_bootstrap_of_a_difference_matches_a_brute_force_resample():
+    """bootstrap_image_auroc_difference: the same image draw for both methods (all their runs); brute force with
+    scikit-learn on explicit resamples gives the same interval."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from bpfl.toyclip.transfer import bootstrap_image_auroc_difference, summarize
+
+    rng = np.random.default_rng(7)
+    rows, per = [], []
+    for cat, (na, nn) in {"a": (4, 5), "b": (6, 3)}.items():
+        labels = np.r_[np.ones(na, int), np.zeros(nn, int)]
+        difficulty = rng.normal(size=na + nn)  # shared by both methods: what pairing cancels
+        for method, seeds, gain in (("toy", (0, 1, 2), 1.2), ("classical", (0,), 0.6)):
+            for seed in seeds:
+                sc = difficulty + gain * labels + 0.3 * rng.normal(size=na + nn)
+                rows += [{"method": method, "seed": seed, "test_set": "t", "category": cat, "path": f"{cat}{i}",
+                          "label": int(labels[i]), "score": float(sc[i])} for i in range(na + nn)]
+                per.append({"method": method, "seed": seed, "category": cat, "pixel_auroc": 0.5,
+                            "image_auroc": roc_auc_score(labels, sc)})
+    scores = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # row order must not matter
+    n_boot = 30
+    d = bootstrap_image_auroc_difference(scores, "toy", "classical", n_boot=n_boot, seed=4)
+    s = summarize(pd.DataFrame(per))
+    assert abs(d["difference"] - (s.at["toy", "image_auroc_mean"] - s.at["classical", "image_auroc_mean"])) < 1e-12
+    draw = np.random.default_rng(4)
+    reps = np.zeros(n_boot)
+    for cat, g in sorted(scores.groupby("category"), key=lambda kv: kv[0]):
+        for b, pick, lab in _explicit_resamples(g, draw, n_boot):
+            for method, sign in (("toy", 1), ("classical", -1)):
+                runs = g[g.method == method]
+                for seed in runs.seed.unique():
+                    sc = runs[runs.seed == seed].set_index("path").score
+                    reps[b] += sign * roc_auc_score(lab, sc.loc[pick].to_numpy()) / (2 * runs.seed.nunique())
+    lo, hi = np.quantile(reps, [0.025, 0.975])
+    assert abs(d["ci_low"] - lo) < 1e-12 and abs(d["ci_high"] - hi) < 1e-12 and lo < d["difference"] < hi
+    with pytest.raises(ValueError, match="no scores of 'nope'"):
+        bootstrap_image_auroc_difference(scores, "toy", "nope")
+    with pytest.raises(ValueError, match="no score for"):
+        bootstrap_image_auroc_difference(scores[~((scores.method == "toy") & (scores.path == "a0"))],
+                                         "toy", "classical")
