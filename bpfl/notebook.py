@@ -319,11 +319,13 @@ class NotebookSetup:
         return BayesPFL(cfg, backbone=self.backbone)
 
     # ---- data
-    def synthetic_root(self) -> Path:
-        """The synthetic dataset of this mode's preset (generated on first use, reused afterwards)."""
+    def synthetic_root(self, preset: str | None = None) -> Path:
+        """The synthetic dataset of ``preset`` (default: this mode's), generated on first use, reused afterwards."""
         from .data import SYNTHETIC_PRESETS, make_synthetic_dataset
         from .data.synthetic import MARKER
-        preset = self.scale.synthetic_preset
+        preset = preset or self.scale.synthetic_preset
+        if preset not in SYNTHETIC_PRESETS:
+            raise ValueError(f"unknown synthetic preset {preset!r}: choose one of {sorted(SYNTHETIC_PRESETS)}")
         root = self.data_dir / ("synthetic" if preset == "default" else f"synthetic-{preset}")
         want = {**SYNTHETIC_PRESETS[preset], "seed": 0}
         marker = root / MARKER

@@ -279,6 +279,21 @@ def test_setup_banner_and_folders(nb_env, tmp_path, capsys):
     plt.close(fig)
 
 
+def test_synthetic_root_of_another_preset(nb_env, tmp_path):
+    """Notebook 04's live toy-CLIP comparison asks for the default split while fast mode uses the tiny one."""
+    from bpfl.data import SYNTHETIC_GROUPS, open_dataset
+    S = nb_env.setup("99_presets", quiet=True)
+    tiny, default = S.synthetic_root(), S.synthetic_root("default")
+    assert tiny == tmp_path / "data" / "synthetic-tiny" and default == tmp_path / "data" / "synthetic"
+    n = {root: len(open_dataset(root, split="test", categories=SYNTHETIC_GROUPS["unseen"], image_size=32))
+         for root in (tiny, default)}
+    assert n[default] > 3 * n[tiny]
+    stamp = (default / "meta.json").stat().st_mtime_ns
+    assert S.synthetic_root("default") == default and (default / "meta.json").stat().st_mtime_ns == stamp  # reused
+    with pytest.raises(ValueError, match="unknown synthetic preset 'huge'"):
+        S.synthetic_root("huge")
+
+
 def test_train_or_load_trains_once_then_loads(nb_env):
     S = nb_env.setup("99_cache", quiet=True, epochs=1, batch_size=12)
     first = S.train_or_load()

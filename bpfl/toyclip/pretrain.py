@@ -95,8 +95,8 @@ def toy_layers(arch: str = TOY_ARCH) -> tuple[int, ...]:
 #: Bayes-PFL's learning rate on the toy CLIP. The teaching preset's 3e-2 was chosen for a *random* backbone
 #: (``BayesPFLConfig.teaching``); on the pretrained toy CLIP it overshoots (a loss spike in the last epoch took
 #: one run's pixel AUROC from 0.90 to 0.83), and 1e-2 was as good or better on a development draw
-#: (docs/toy_clip.md, "How the recipe was chosen"). For the preset's 30 epochs (hundreds of steps); a run of a
-#: few epochs needs the larger step (``compare_backbones`` in notebook 04 keeps 3e-2).
+#: (docs/toy_clip.md, "How the recipe was chosen"). Also used by ``compare_backbones`` (notebook 04), which
+#: trains 6 epochs (84 steps) in fast mode on the default synthetic split.
 TOY_BAYESPFL_LR = 1e-2
 
 
