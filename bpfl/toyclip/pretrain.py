@@ -55,7 +55,7 @@ TOY_ARCH = "bpfl-toy"
 #: Size Bayes-PFL uses the toy CLIP at (14 x 14 patch grid) and the size it is pretrained at (8 x 8 grid).
 TOY_IMAGE_SIZE = 112
 TOY_PRETRAIN_SIZE = 64
-#: Default pretraining length: 2000 x 48 = 96k generated images at 64 px (15-33 min wall on a 2-core VM, by VM speed:
+#: Default pretraining length: 2000 x 48 = 96k generated images at 64 px (15-35 min wall on a 2-core VM, by VM speed:
 #: torch on one core, the batch generator on the other; docs/toy_clip.md).
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 48
