@@ -319,13 +319,13 @@ def compare_backbones(toy_path: str | Path, data_root: str | Path, out_dir: str 
     from ..data import SYNTHETIC_GROUPS, collate, open_dataset
     from ..evaluate import predict_dataset
     from ..notebook import pick_examples
-    from .pretrain import TOY_ARCH, TOY_BAYESPFL_LR, TOY_IMAGE_SIZE, toy_layers
+    from .pretrain import TOY_ARCH, TOY_IMAGE_SIZE, toy_bayespfl_overrides, toy_layers
 
     size = image_size or TOY_IMAGE_SIZE
     layers = toy_layers(TOY_ARCH)
     train_ds = open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["seen"], image_size=size)
     test_ds = open_dataset(data_root, split="test", categories=SYNTHETIC_GROUPS["unseen"], image_size=size)
-    base = {"backbone": TOY_ARCH, "image_size": size, "layers": layers, "lr": TOY_BAYESPFL_LR, **(overrides or {})}
+    base = {**toy_bayespfl_overrides(toy_path, TOY_ARCH, size), **(overrides or {})}  # "pretrained" set per backbone
     torch.manual_seed(0)
     backbones = {RANDOM_NAME: (load_backbone(TOY_ARCH, None, image_size=size, layers=layers), None),
                  TOY_NAME: (load_backbone(TOY_ARCH, str(toy_path), image_size=size, layers=layers), str(toy_path))}
