@@ -2,11 +2,13 @@
 """The README's two commands, with nothing but Python 3.10+ and pip on the machine.
 
     python3 dev.py demo     # create/reuse .venv, install bpfl, run `bpfl demo` (offline default)
-    python3 dev.py test     # create/reuse .venv, install bpfl[dev,notebooks], run the test suite
+    python3 dev.py test     # create/reuse .venv, install bpfl[dev,notebooks], run ruff, then the test suite
 
 Any further arguments are passed on (``python3 dev.py demo --tiny``, ``python3 dev.py test -k flow``).
 The virtual environment lives in ``.venv/`` inside the checkout and is reinstalled only when
-``pyproject.toml`` changes. Tests run with ``HF_HUB_OFFLINE=1`` so no hub call can hang.
+``pyproject.toml`` changes. Tests run with ``HF_HUB_OFFLINE=1`` so no hub call can hang. In a git checkout,
+the environment also installs nbstripout as the git filter of ``*.ipynb`` (``.gitattributes``): a notebook saved
+in Jupyter Lab with its outputs is committed without them.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".bpfl-install-stamp"
+#: what `dev.py test` lints with ruff (configured in pyproject.toml) before running the tests
+LINTED = ["bpfl", "tests", "benchmarks", "notebooks", "dev.py"]
 
 
 def venv_python() -> Path:
@@ -39,7 +43,15 @@ def ensure_env() -> Path:
         subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q",
                         "-e", f"{ROOT}[dev,notebooks]"], check=True, cwd=ROOT)
         STAMP.write_text(want)
+    install_notebook_filter(py)
     return py
+
+
+def install_notebook_filter(py: Path) -> None:
+    """`nbstripout --install` in this checkout (git config only; .gitattributes names the filter)."""
+    if (ROOT / ".git").exists():
+        subprocess.run([str(py), "-m", "nbstripout", "--install"], cwd=ROOT, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main(argv: list[str]) -> int:
@@ -53,6 +65,10 @@ def main(argv: list[str]) -> int:
         cmd = [str(py), "-m", "bpfl", "demo", *argv[1:]]
     else:
         env["HF_HUB_OFFLINE"] = "1"
+        lint = subprocess.call([str(py), "-m", "ruff", "check", *LINTED], cwd=ROOT, env=env)
+        if lint:
+            print("[dev] ruff found problems (above); `.venv/bin/ruff check --fix` repairs many", flush=True)
+            return lint
         cmd = [str(py), "-m", "pytest", "-q", *argv[1:]]
     return subprocess.call(cmd, cwd=ROOT, env=env)
 

@@ -35,6 +35,7 @@ Results: ``benchmarks/results/inference_<tag>.{csv,md}`` (tag: ``--tag``, defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -58,7 +59,7 @@ for _p in (str(ROOT), str(HERE)):
 import bench_metrics as bm  # noqa: E402
 from reference_structure import reference_forward, reference_loss, reference_text_embeddings  # noqa: E402
 
-from bpfl.backbone import default_layers, load_backbone  # noqa: E402
+from bpfl.backbone import ImageFeatures, default_layers, load_backbone  # noqa: E402
 from bpfl.config import BayesPFLConfig  # noqa: E402
 from bpfl.model import BayesPFL  # noqa: E402
 from bpfl.prompts import class_tokens, encode_prompts  # noqa: E402
@@ -74,6 +75,11 @@ TARGETS = {  # issue 6, for ViT-L-14-336 at 518 px
     "train": "training step >= 3x faster than the reference structure",
     "memory": "inference peak memory at R=20 within 10 % of R=1",
     "metrics": "metrics >= 5x faster than scikit-learn with <= 2 GB peak",
+    # issue 21
+    "encoder": "image encoder >= 50 % of the measured fp32 GEMM throughput (CPU)",
+    "bf16": "bf16 image encoder >= 1.5x faster than fp32 (CPU with native bf16)",
+    "agreement": "bf16 changes no AUROC by more than 0.005 (synthetic set)",
+    "sweep": "an R x seed sweep encodes each image once",
 }
 
 
@@ -96,6 +102,11 @@ def rotate(items: list, k: int) -> list:
     k %= max(1, len(items))
     out = items[k:] + items[:k]
     return out[::-1] if k % 2 else out
+
+
+def _load() -> float:
+    """The 1-minute load average (NaN where the OS has none)."""
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else math.nan
 
 
 def _median(xs) -> float:
@@ -452,6 +463,289 @@ def bench_metric(args, rows: list, checks: dict) -> None:
                              "scikit-learn); fresh subprocess (bench_metrics)")))
 
 
+# ----------------------------------------------------------------------------------------------------- e. encoder
+def vit_image_flops(visual: torch.nn.Module, image_size: int) -> int:
+    """FLOPs (2 per multiply-add) of one image through open_clip's ``VisionTransformer`` at ``image_size``.
+
+    Counted: the patch embedding (a stride-p convolution over the grid² patches), and per block the packed q/k/v
+    projection (2·T·D·3D), the attention scores Q·Kᵀ and the weighted sum A·V over all T = grid² + 1 tokens
+    (2·2·T²·D), the output projection (2·T·D²) and the two MLP matrices (2·2·T·D·D_mlp); then the projection of
+    the class token. Not counted: LayerNorm, GELU, softmax and residual adds (O(T·D) each, < 1 % at ViT-L) -- the
+    convention of ``torch.utils.flop_counter.FlopCounterMode``, against which this is tested. ViT-L-14-336 at
+    518 px (T = 1370): 1.01e12 per image.
+    """
+    if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "transformer"):
+        raise NotImplementedError("FLOP count written for open_clip's plain VisionTransformer (class token, no "
+                                  "attentional pooler)")
+    p = int(visual.conv1.kernel_size[0])
+    grid = image_size // p
+    hw = grid * grid
+    T = hw + 1
+    D = int(visual.conv1.out_channels)
+    flops = 2 * hw * int(visual.conv1.in_channels) * p * p * D
+    for blk in visual.transformer.resblocks:
+        mlp = int(blk.mlp.c_fc.out_features)
+        flops += 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * mlp
+    if getattr(visual, "proj", None) is not None:
+        flops += 2 * D * int(visual.proj.shape[1])
+    return flops
+
+
+def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, size: int, repeats: int = 5) -> float:
+    """The machine's attainable matmul rate: median FLOP/s of ``size``³ products (``torch.mm``) in ``dtype``."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up (library initialisation, kernel selection)
+    times = [timed(lambda: torch.mm(a, b), device)[1] for _ in range(repeats)]
+    return 2 * size ** 3 / statistics.median(times)
+
+
+def _feature_rel_diff(a, b) -> float:
+    """max over x_cls and the patch-token layers of max|a - b| / max|a| (a: the reference features)."""
+    pairs = [(a.cls, b.cls)] + list(zip(a.patch_tokens, b.patch_tokens))
+    return max(float((x.float() - y.float()).abs().max() / x.float().abs().max().clamp_min(1e-30)) for x, y in pairs)
+
+
+def bench_encoder(model: BayesPFL, args, rows: list, checks: dict) -> None:
+    """e: the image encoder's achieved FLOP/s against a large GEMM measured in the same rounds, and its options.
+
+    Each round times the fp32 GEMM (and the bf16 GEMM where the device has native bf16), then every encoder case
+    once, in rotated order; the fraction of the GEMM rate and the speed-up over the kit's fp32 default are
+    medians of the per-round ratios, so a change of machine load between rounds cancels out.
+    """
+    bb, dev, N = model.backbone, model.device, args.images
+    images = make_images(N, args.image_size, args.seed).to(dev)
+    flops = vit_image_flops(bb.clip.visual, args.image_size) * N
+    native_bf16 = bb.native_bf16(dev)
+    keep = (bb.precision, bb.attention, torch.get_num_threads())
+
+    def case(precision="fp32", attention="sdpa", threads=None, inference=False, compiled=None):
+        def run():
+            bb.precision, bb.attention = precision, attention
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                with torch.inference_mode() if inference else contextlib.nullcontext():
+                    if compiled is None:
+                        return bb.encode_image(images)
+                    with torch.no_grad(), bb.image_encoder_context():
+                        out = compiled(images)
+                    return ImageFeatures(out["image_features"].float(),
+                                         [t.float() for t in out["image_intermediates"]], bb.grid_size)
+            finally:
+                bb.precision, bb.attention = keep[0], keep[1]
+                torch.set_num_threads(keep[2])
+        return run
+
+    kit = "fp32, fused SDPA (kit default)"
+    cases = {"fp32, MHA fast path (torch default)": (case(attention="mha-fastpath"), "fp32"),
+             kit: (case(), "fp32"),
+             "fp32, fused SDPA, torch.inference_mode": (case(inference=True), "fp32")}
+    for t in args.encoder_threads or []:
+        if t != keep[2]:
+            cases[f"fp32, fused SDPA, {t} threads"] = (case(threads=t), "fp32")
+    if native_bf16:
+        cases["bf16 autocast, fused SDPA"] = (case("bf16"), "bf16")
+    compile_s = {}
+    for prec in args.encoder_compile or []:
+        if prec == "bf16" and not native_bf16:
+            continue
+        visual, idx = bb.clip.visual, [l - 1 for l in bb.layers]
+        compiled = torch.compile(lambda x: visual.forward_intermediates(x, indices=idx, output_fmt="NLC"))
+        name = f"{prec}{' autocast' if prec != 'fp32' else ''}, fused SDPA, torch.compile"
+        cases[name] = (case(prec, compiled=compiled), prec)
+        _, compile_s[name] = timed(cases[name][0], dev)  # compilation + first call
+        print(f"[e] {name}: compiled in {compile_s[name]:.0f} s (incl. the first call)", flush=True)
+    gemms = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if native_bf16 else {})}
+    size = args.gemm_size or (8192 if dev.type == "cuda" else 2048)
+    feats = {name: fn() for name, (fn, _) in cases.items()}  # warm-up; outputs for the agreement columns
+    times = {name: [] for name in cases}
+    rates = {k: [] for k in gemms}
+    for rep in range(args.repeats):
+        for k, dt in gemms.items():
+            rates[k].append(gemm_flops_per_s(dt, dev, size))
+        for name in rotate(list(cases), rep):
+            times[name].append(timed(cases[name][0], dev)[1])
+    for k in gemms:
+        rows.append(dict(part="e_gemm", case=f"{k} GEMM {size}x{size}x{size} (torch.mm)", n=1, repeats=args.repeats,
+                         gflops=_median(rates[k]) / 1e9, min_s=2 * size ** 3 / max(rates[k]),
+                         median_s=2 * size ** 3 / _median(rates[k]),
+                         detail=f"{torch.get_num_threads()} thread(s); the machine's attainable {k} matmul rate"))
+    base = times[kit]
+    for name, (_, prec) in cases.items():
+        t = times[name]
+        diff = _feature_rel_diff(feats[kit], feats[name])
+        frac32 = [flops / ti / r for ti, r in zip(t, rates["fp32"])]
+        frac_own = [flops / ti / r for ti, r in zip(t, rates[prec])] if prec in rates else [math.nan]
+        rows.append(dict(part="e_encoder", case=name, n=N, repeats=args.repeats, median_s=_median(t) / N,
+                         min_s=min(t) / N, gflops=flops / _median(t) / 1e9, fraction=_median(frac32),
+                         fraction_own=_median(frac_own), ratio=_median([b / x for b, x in zip(base, t)]),
+                         ratio_of=f"time of '{kit}' / case", max_abs_diff=diff,
+                         detail=(f"{flops / N / 1e9:.4g} GFLOP per image" +
+                                 (f"; compilation + first call {compile_s[name]:.0f} s" if name in compile_s else ""))))
+        if prec == "fp32" and name != kit:
+            checks[f"encoder: '{name}' == kit features (rel.)"] = (diff, 1e-4)
+        print(f"[e] {name}: {_median(t) / N:.3f} s/img, {flops / _median(t) / 1e9:.1f} GFLOP/s = "
+              f"{_median(frac32):.0%} of the fp32 GEMM ({_median(rates['fp32']) / 1e9:.1f} GFLOP/s), "
+              f"{_median([b / x for b, x in zip(base, t)]):.2f}x the kit default (feature diff {diff:.1e})",
+              flush=True)
+    if native_bf16:  # the maps that bf16 features lead to, against fp32 features (same samples)
+        R = max(args.samples)
+        names = ["bottle"] * N
+        with torch.no_grad():
+            m32 = model(None, names, R, features=feats[kit], generator=gen(args.seed)).anomaly_map.float()
+            m16 = model(None, names, R, features=feats["bf16 autocast, fused SDPA"],
+                        generator=gen(args.seed)).anomaly_map.float()
+        row = next(r for r in rows if r.get("case") == "bf16 autocast, fused SDPA")
+        row["map_diff"] = float((m32 - m16).abs().max())
+        row["detail"] += (f"; anomaly maps at R={R} vs fp32 features: max |diff| {row['map_diff']:.1e}, mean |diff| "
+                          f"{float((m32 - m16).abs().mean()):.1e} (map values {float(m32.min()):.3f}-"
+                          f"{float(m32.max()):.3f})")
+    else:
+        rows.append(dict(part="e_encoder", case="bf16 autocast", n=N, repeats=0,
+                         detail=f"not measured: {dev} has no native bf16 (AVX512-BF16 / AMX / CUDA bf16)"))
+
+
+# ----------------------------------------------------------------------------------------------------- f. agreement
+def _synthetic_root(args) -> Path:
+    """The kit's synthetic dataset (default preset, all eight categories), generated once per run."""
+    from bpfl.data import make_synthetic_dataset
+    if getattr(args, "_synthetic_root", None) is None:
+        root = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="bpfl-bench-synthetic-"))
+        make_synthetic_dataset(root, seed=args.seed, preset="tiny" if args.smoke else "default")
+        args._synthetic_root = root
+        args._synthetic_is_temporary = not args.data_dir
+    return args._synthetic_root
+
+
+def _synthetic_split(args, group: str, image_size: int, n_categories: int | None, per_category: int | None):
+    """The test split of the seen/unseen synthetic categories; the first ``per_category`` images of each category,
+    half of them good and half anomalous (image metrics need both)."""
+    from bpfl.data import SYNTHETIC_GROUPS, open_dataset
+    cats = SYNTHETIC_GROUPS[group][:n_categories] if n_categories else SYNTHETIC_GROUPS[group]
+    ds = open_dataset(_synthetic_root(args), split="test", categories=cats, image_size=image_size)
+    if not per_category:
+        return ds
+    keep = []
+    for idx in ds.by_category().values():
+        good = [i for i in idx if ds.records[i].label == 0]
+        bad = [i for i in idx if ds.records[i].label == 1]
+        keep += good[:per_category - per_category // 2] + bad[:per_category // 2]
+    return ds.subset(indices=sorted(keep))
+
+
+AGREEMENT_METRICS = ("image_auroc", "pixel_auroc", "image_ap", "pixel_ap")
+
+
+def bench_agreement(args, rows: list) -> None:
+    """f: fp32 against bf16 image features -> the same model's maps and AUROCs on the synthetic set (CPU or GPU)."""
+    from bpfl.evaluate import evaluate, predict_dataset
+    from bpfl.features import FeatureStore
+    from bpfl.train import train
+
+    name = args.agreement_backbone or args.backbone
+    size = args.agreement_size or args.image_size
+    torch.manual_seed(args.seed)
+    layers = default_layers(name)
+    bb = load_backbone(name, None, image_size=size, layers=layers, device=args.device)
+    if not bb.native_bf16(bb.device):
+        rows.append(dict(part="f_agreement", case="bf16 vs fp32", detail=f"not measured: {bb.device} has no native "
+                                                                          "bf16"))
+        return
+    cfg = BayesPFLConfig.teaching(backbone=name, pretrained=None, image_size=size, layers=layers,
+                                  test_samples=args.agreement_samples)
+    torch.manual_seed(args.seed)
+    model = BayesPFL(cfg, backbone=bb)
+    trained = ""
+    if args.agreement_train_steps:
+        seen = _synthetic_split(args, "seen", size, None, None)
+        with tempfile.TemporaryDirectory() as tmp:
+            train(model, seen, tmp, max_steps=args.agreement_train_steps, progress=False)
+        trained = f", trained {args.agreement_train_steps} steps (teaching preset) on the seen categories"
+    model.eval()
+    ds = _synthetic_split(args, "unseen", size, args.agreement_categories, args.agreement_per_category)
+    stores = {"fp32": FeatureStore(), "bf16": FeatureStore()}
+    results, maps = {}, {}
+    t0 = time.perf_counter()
+    for prec, store in stores.items():
+        bb.precision = prec
+        try:
+            results[prec] = evaluate(model, ds, n_samples=cfg.test_samples, seed=args.seed, features=store,
+                                     aupro_variant=None, progress=False, metric_method="exact")
+            maps[prec] = torch.cat([out.anomaly_map.float().cpu() for _, out in predict_dataset(
+                model, ds, n_samples=cfg.test_samples, seed=args.seed, features=store, progress=False)])
+        finally:
+            bb.precision = "fp32"
+    seconds = time.perf_counter() - t0
+    diff = (maps["fp32"] - maps["bf16"]).abs()
+    what = (f"{name} at {size} px (random weights{trained}); synthetic unseen categories, {len(ds)} images, "
+            f"R = {cfg.test_samples}, seed {args.seed}; image encoder fp32 vs bf16 autocast, everything after it fp32")
+    tab32, tab16 = results["fp32"].table, results["bf16"].table
+    cats = [c for c in tab32.index if c not in ("mean", "n_averaged")]
+    for metric in AGREEMENT_METRICS:
+        if metric not in tab32.columns:
+            continue
+        a, b = float(tab32.at["mean", metric]), float(tab16.at["mean", metric])
+        worst = max(abs(float(tab32.at[c, metric]) - float(tab16.at[c, metric])) for c in cats)
+        rows.append(dict(part="f_agreement", case=metric, n=len(ds), R=cfg.test_samples, fp32=a, bf16=b,
+                         max_abs_diff=abs(a - b), worst_category=worst, detail=what))
+    rows.append(dict(part="f_agreement", case="anomaly maps", n=len(ds), R=cfg.test_samples,
+                     max_abs_diff=float(diff.max()), worst_category=math.nan, fp32=float(maps["fp32"].mean()),
+                     bf16=float(maps["bf16"].mean()),
+                     detail=f"max |diff| over all pixels; mean |diff| {float(diff.mean()):.1e}; {seconds:.0f} s"))
+    print(f"[f] bf16 vs fp32 on {len(ds)} synthetic images ({name} at {size} px): " + ", ".join(
+        f"{r['case']} {r['fp32']:.4f} -> {r['bf16']:.4f}" for r in rows if r["part"] == "f_agreement"
+        and r["case"] in AGREEMENT_METRICS) + f"; maps max |diff| {float(diff.max()):.1e}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- g. sweep
+def bench_sweep(model: BayesPFL, args, rows: list, checks: dict) -> None:
+    """g: a Table-3 sweep (every R x every Monte-Carlo seed, one evaluation each) with and without a FeatureStore.
+
+    Without a store every evaluation encodes its images again (before this issue); with one store for the whole
+    sweep each image is encoded once. The metric tables must be identical.
+    """
+    from bpfl.evaluate import evaluate
+    from bpfl.features import FeatureStore
+
+    ds = _synthetic_split(args, "unseen", args.image_size, args.sweep_categories, args.sweep_per_category)
+    Rs, seeds = list(args.sweep_samples), list(args.sweep_seeds)
+
+    def sweep(store):
+        tables = {}
+        for R in Rs:
+            for s in seeds:
+                tables[(R, s)] = evaluate(model, ds, n_samples=R, seed=s, features=store, aupro_variant=None,
+                                          progress=False, batch_size=args.sweep_batch).table
+        return tables
+
+    kinds = ["encode per evaluation (before)", "one FeatureStore for the sweep"]
+    walls = {k: [] for k in kinds}
+    encoded = {}
+    tables = {}
+    for rep in range(args.sweep_repeats):
+        for kind in rotate(kinds, rep):
+            store = FeatureStore() if kind != kinds[0] else None
+            tables[kind], t = timed(lambda: sweep(store), model.device)
+            walls[kind].append(t)
+            encoded[kind] = store.encoded if store is not None else len(ds) * len(Rs) * len(seeds)
+    diff = max(float(np.nanmax(np.abs(tables[kinds[0]][k].to_numpy(float) - tables[kinds[1]][k].to_numpy(float))))
+               for k in tables[kinds[0]])
+    checks["sweep: metrics with the FeatureStore == without"] = (diff, 1e-12)
+    ratios = [b / a for b, a in zip(walls[kinds[0]], walls[kinds[1]])]
+    for kind in kinds:
+        rows.append(dict(part="g_sweep", case=kind, n=len(ds), repeats=args.sweep_repeats,
+                         median_s=_median(walls[kind]), min_s=min(walls[kind]),
+                         ratio=_median(ratios) if kind == kinds[1] else 1.0, ratio_of="before / after",
+                         encoded=encoded[kind], max_abs_diff=diff if kind == kinds[1] else math.nan,
+                         detail=f"R in {Rs} x seeds {seeds} = {len(Rs) * len(seeds)} evaluations of {len(ds)} images "
+                                f"(synthetic unseen categories, {args.image_size} px, batch {args.sweep_batch})"))
+    print(f"[g] sweep {len(Rs)} R x {len(seeds)} seeds on {len(ds)} images: before {_median(walls[kinds[0]]):.1f} s "
+          f"({encoded[kinds[0]]} images encoded), after {_median(walls[kinds[1]]):.1f} s ({encoded[kinds[1]]} encoded)"
+          f" -> {_median(ratios):.2f}x (max metric diff {diff:.1e})", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------- report
 def machine_info(args) -> dict:
     info = bm.machine_info()
@@ -459,15 +753,21 @@ def machine_info(args) -> dict:
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
     info["device"] = str(args.device)
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    from bpfl.backbone import ClipBackbone
+    info["native_bf16"] = ClipBackbone.native_bf16(args.device)
     if str(args.device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     info["load_avg_start"] = args._load_start
     info["load_avg_end"] = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else math.nan
+    if getattr(args, "_loads", None):
+        info["load_avg_after_each_part"] = " / ".join(f"{k} {v}" for k, v in args._loads.items())
     return info
 
 
 FIELDS = ["part", "case", "R", "n", "repeats", "median_s", "min_s", "encoder_s", "rest_s", "ratio", "ratio_of",
-          "rest_ratio", "peak_extra_mb", "max_abs_diff", "detail"]
+          "rest_ratio", "peak_extra_mb", "max_abs_diff", "gflops", "fraction", "fraction_own", "map_diff", "fp32",
+          "bf16", "worst_category", "encoded", "detail"]
 
 
 def _f(x, spec: str = ".3f") -> str:
@@ -503,6 +803,28 @@ def evaluate_targets(rows: list, args) -> list[tuple[str, str, str]]:
         r = met["exact"]
         ok = r["ratio"] >= 5 and r["peak_extra_mb"] <= 2048
         out.append((TARGETS["metrics"], f"{r['ratio']:.0f}x, +{r['peak_extra_mb']:.0f} MB", "met" if ok else "NOT met"))
+    enc = {r["case"]: r for r in by("e_encoder")}
+    gemm = [r for r in by("e_gemm") if r["case"].startswith("fp32")]
+    kit_enc = enc.get("fp32, fused SDPA (kit default)")
+    if kit_enc and gemm:
+        v = kit_enc["fraction"]
+        out.append((TARGETS["encoder"], f"{v:.0%} ({kit_enc['gflops']:.1f} of {gemm[0]['gflops']:.1f} GFLOP/s)",
+                    "met" if v >= 0.5 else "NOT met"))
+    bf = enc.get("bf16 autocast, fused SDPA")
+    if bf:
+        out.append((TARGETS["bf16"], f"{bf['ratio']:.2f}x", "met" if bf["ratio"] >= 1.5 else "NOT met"))
+    agr = [r for r in by("f_agreement") if r["case"] in ("image_auroc", "pixel_auroc")]
+    if agr:
+        v = max(r["max_abs_diff"] for r in agr)
+        worst = max(r["worst_category"] for r in agr)
+        out.append((TARGETS["agreement"], f"max |diff| {v:.4f} (category means; worst single category {worst:.4f})",
+                    "met" if v <= 0.005 else "NOT met"))
+    sw = {r["case"]: r for r in by("g_sweep")}
+    after = sw.get("one FeatureStore for the sweep")
+    if after:
+        ok = after["encoded"] == after["n"]
+        out.append((TARGETS["sweep"], f"{after['encoded']} encodings for {after['n']} images; sweep "
+                                      f"{after['ratio']:.2f}x faster", "met" if ok else "NOT met"))
     return out
 
 
@@ -525,7 +847,7 @@ def write_report(rows: list, info: dict, args, checks: dict, out_dir: Path, tag:
     if targets:
         scope = "" if args.backbone == "ViT-L-14-336" and args.image_size == 518 else \
             " -- shown for orientation only, this run is not that configuration"
-        L += [f"## Targets (issue 6; defined for ViT-L-14-336 at 518 px{scope})", "", "| target | measured | |",
+        L += [f"## Targets (issues 6 and 21; defined for ViT-L-14-336 at 518 px{scope})", "", "| target | measured | |",
               "|---|---|---|"]
         L += [f"| {t} | {v} | {ok} |" for t, v, ok in targets]
         L += [""]
@@ -540,10 +862,21 @@ def write_report(rows: list, info: dict, args, checks: dict, out_dir: Path, tag:
                     ["case", "R", "n", "median_s", "min_s", "ratio", "rest_ratio", "max_abs_diff", "detail"]),
         "d_metrics": ("d. Pixel metrics of one category (AUROC, AP, F1-max; + AUPRO where named)",
                       ["case", "n", "median_s", "ratio", "peak_extra_mb", "max_abs_diff", "detail"]),
+        "e_gemm": ("e. The machine's matmul rate (measured in the same rounds as the encoder)",
+                   ["case", "median_s", "gflops", "detail"]),
+        "e_encoder": ("e. Image encoder against that rate, and its options",
+                      ["case", "n", "median_s", "min_s", "gflops", "fraction", "fraction_own", "ratio",
+                       "max_abs_diff", "detail"]),
+        "f_agreement": ("f. bf16 against fp32 image features: metrics and maps on the synthetic set",
+                        ["case", "n", "R", "fp32", "bf16", "max_abs_diff", "worst_category", "detail"]),
+        "g_sweep": ("g. A sweep over R and Monte-Carlo seeds (Table 3), with and without a FeatureStore",
+                    ["case", "n", "median_s", "encoded", "ratio", "max_abs_diff", "detail"]),
     }
     head = {"median_s": "median [s/img]", "min_s": "min [s/img]", "encoder_s": "encoder [s/img]",
             "rest_s": "rest [s/img]", "ratio": "ratio", "rest_ratio": "ratio (rest only)",
-            "peak_extra_mb": "extra peak [MB]", "max_abs_diff": "max abs diff", "n": "N"}
+            "peak_extra_mb": "extra peak [MB]", "max_abs_diff": "max abs diff", "n": "N", "gflops": "GFLOP/s",
+            "fraction": "of the fp32 GEMM", "fraction_own": "of the GEMM at its dtype", "encoded": "images encoded",
+            "worst_category": "worst category |diff|"}
     for part, (title, cols) in parts.items():
         prow = [r for r in rows if r["part"] == part]
         if not prow:
@@ -552,15 +885,27 @@ def write_report(rows: list, info: dict, args, checks: dict, out_dir: Path, tag:
         if part == "c_train":
             hd["rest_ratio"] = "ratio if the reference re-encodes images"
             hd["max_abs_diff"] = "grad diff (rel.)"
-        if part == "d_metrics":
+        if part in ("d_metrics", "e_gemm"):
             hd["median_s"] = "time [s]"
+        if part == "e_encoder":
+            hd["ratio"] = "speed-up vs kit fp32"
+            hd["max_abs_diff"] = "feature diff (rel.)"
+        if part == "f_agreement":
+            hd["max_abs_diff"] = "|fp32 - bf16|"
+        if part == "g_sweep":
+            hd["median_s"] = "wall time [s]"
+            hd["max_abs_diff"] = "max metric diff"
         L += [f"## {title}", "", "| " + " | ".join(hd.get(c, c) for c in cols) + " |",
               "|" + "---|" * len(cols)]
         for r in prow:
             cells = []
             for c in cols:
                 v = r.get(c, "")
-                spec = {"max_abs_diff": ".1e", "peak_extra_mb": ".1f", "ratio": ".2f", "rest_ratio": ".2f"}.get(c, ".3f")
+                spec = {"max_abs_diff": ".1e", "peak_extra_mb": ".1f", "ratio": ".2f", "rest_ratio": ".2f",
+                        "gflops": ".1f", "fraction": ".0%", "fraction_own": ".0%", "fp32": ".4f", "bf16": ".4f",
+                        "worst_category": ".4f"}.get(c, ".3f")
+                if part == "f_agreement" and c == "max_abs_diff" and r["case"] != "anomaly maps":
+                    spec = ".4f"
                 cells.append(_f(v, spec) if isinstance(v, float) else str(v))
             L.append("| " + " | ".join(cells) + " |")
         if part == "a_text":
@@ -575,6 +920,25 @@ def write_report(rows: list, info: dict, args, checks: dict, out_dir: Path, tag:
                       "encoder (flows, text, RCA, maps). Reference rows: the released structure (2·R text passes at 77 "
                       "tokens, all logit maps upsampled, softmax per pair, every map copied to numpy); their maps must "
                       f"equal the kit's (≤ {tolerances(args)[1]:g})."]
+        if part == "e_gemm":
+            L += ["", "Median of 5 products per round, one round before each round of encoder cases; rate = 2·n³ / time."]
+        if part == "e_encoder":
+            L += ["", "Each case runs `ClipBackbone.encode_image` (the kit's path: open_clip's "
+                      "`forward_intermediates`, all blocks, x_cls + 4 layers of patch tokens) on the same images. "
+                      "GFLOP/s = the ViT's matmul FLOPs (`vit_image_flops`: patch embedding, q/k/v, QKᵀ, AV, output "
+                      "projection, MLP, head; tested against `torch.utils.flop_counter`) / time. The fractions are "
+                      "medians of the per-round ratios to the GEMM rate of the same round; the speed-up is the median "
+                      "of per-round time ratios to the kit's fp32 default. Feature diff = max over x_cls and the "
+                      "patch-token layers of max|diff| / max|value| against the kit's fp32 default."]
+        if part == "f_agreement":
+            L += ["", "One model, the same Monte-Carlo samples; only the image encoder's compute dtype differs (each "
+                      "precision has its own `FeatureStore`). AUROC/AP rows: the mean over categories (as in the "
+                      "tables) for fp32 and bf16, their difference, and the largest difference of a single category."]
+        if part == "g_sweep":
+            L += ["", "Wall time of the whole sweep (every evaluation computes the maps and the metrics). Before: "
+                      "`evaluate(...)` per (R, seed), each encoding its images. After: the same calls with "
+                      "`features=store`, one `bpfl.features.FeatureStore` for the sweep. The metric tables of every "
+                      "(R, seed) must be identical."]
         if part == "c_train":
             L += ["", "Ratio = reference / kit per step (image features given to both, as the kit's feature cache does "
                       "after the first epoch). The last ratio adds the image-encoder time of the batch to the reference "
@@ -606,7 +970,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=None, help="training batch N (default 8 tiny, 2 otherwise)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--parts", default="text,e2e,memory,train,metrics")
+    p.add_argument("--parts", default="text,e2e,memory,train,metrics,encoder,agreement,sweep")
     p.add_argument("--map-chunk-elements", type=int, default=None,
                    help="override bpfl.model.MAP_CHUNK_ELEMENTS (values per chunk of full-resolution maps)")
     p.add_argument("--memory", default="full,rest", help="memory kinds: full (with encoder), rest (features given)")
@@ -619,6 +983,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-images", type=int, default=200)
     p.add_argument("--metrics-size", type=int, default=518)
     p.add_argument("--metrics-methods", nargs="+", default=["exact", "exact+aupro"])
+    p.add_argument("--gemm-size", type=int, default=None, help="e: n of the n x n x n GEMM (default 2048 CPU, 8192 CUDA)")
+    p.add_argument("--encoder-threads", type=int, nargs="*", default=None,
+                   help="e: also time the fp32 encoder at these torch thread counts")
+    p.add_argument("--encoder-compile", nargs="*", default=None, choices=("fp32", "bf16"),
+                   help="e: also time torch.compile of the encoder at these precisions (compilation takes minutes "
+                        "for ViT-L on a CPU)")
+    p.add_argument("--agreement-backbone", default=None, help="f: backbone of the bf16/fp32 check (default --backbone)")
+    p.add_argument("--agreement-size", type=int, default=None, help="f: image size (default --image-size)")
+    p.add_argument("--agreement-categories", type=int, default=None, help="f: first N unseen categories (default all)")
+    p.add_argument("--agreement-per-category", type=int, default=None, help="f: images per category (default all)")
+    p.add_argument("--agreement-samples", type=int, default=10, help="f: R")
+    p.add_argument("--agreement-train-steps", type=int, default=0,
+                   help="f: train the teaching preset this many steps on the seen categories first (0: untrained)")
+    p.add_argument("--sweep-samples", type=int, nargs="+", default=[1, 3, 5, 10, 20], help="g: R values")
+    p.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="g: Monte-Carlo seeds")
+    p.add_argument("--sweep-categories", type=int, default=None, help="g: first N unseen categories (default all)")
+    p.add_argument("--sweep-per-category", type=int, default=None, help="g: images per category (default all)")
+    p.add_argument("--sweep-batch", type=int, default=8, help="g: evaluation batch size")
+    p.add_argument("--sweep-repeats", type=int, default=1, help="g: rounds of (before, after)")
+    p.add_argument("--data-dir", default=None, help="f, g: where to write the synthetic dataset (default: a temp dir)")
     p.add_argument("--smoke", action="store_true", help="tiny config for the test suite (seconds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default=None)
@@ -632,6 +1016,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.backbone, args.samples, args.text_samples, args.images = "bpfl-tiny", [1, 2], 2, 1
         args.repeats, args.train_batch, args.image_size = 1, 2, args.image_size or 56
         args.memory_inprocess = True
+        args.sweep_samples, args.sweep_seeds, args.sweep_categories = [1, 2], [0, 1], 2
+        args.agreement_categories, args.agreement_samples, args.gemm_size = 2, 2, args.gemm_size or 256
         if args.reference_samples is None:
             args.reference_samples = [1, 2]
     tiny = args.backbone == "bpfl-tiny"
@@ -655,6 +1041,7 @@ def main(argv: list[str] | None = None) -> dict:
     args._load_start = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else math.nan
     args._command = "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t_start = time.perf_counter()
+    args._loads = {}
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     rows: list[dict] = []
     checks: dict[str, tuple[float, float]] = {}
@@ -669,15 +1056,32 @@ def main(argv: list[str] | None = None) -> dict:
     feats = model.backbone.encode_image(images)  # also warms the image encoder up
     if "text" in parts:
         bench_text(model, feats, names, args, rows, checks)
+        args._loads["text"] = _load()
     if "e2e" in parts:
         bench_e2e(model, images, feats, names, args, rows, checks)
+        args._loads["e2e"] = _load()
     if "train" in parts:
         bench_train(model, args, rows, checks)
+        args._loads["train"] = _load()
     if "memory" in parts:
         bench_memory(model, feats, args, rows)
+        args._loads["memory"] = _load()
     if "metrics" in parts:
         bench_metric(args, rows, checks)
+        args._loads["metrics"] = _load()
+    if "encoder" in parts:
+        bench_encoder(model, args, rows, checks)
+        args._loads["encoder"] = _load()
+    if "agreement" in parts:
+        bench_agreement(args, rows)
+        args._loads["agreement"] = _load()
+    if "sweep" in parts:
+        bench_sweep(model, args, rows, checks)
+        args._loads["sweep"] = _load()
     args._wall = time.perf_counter() - t_start
+    if getattr(args, "_synthetic_is_temporary", False):
+        import shutil
+        shutil.rmtree(args._synthetic_root, ignore_errors=True)
     info = machine_info(args)
     short = {"ViT-L-14-336": "vitl14-336"}.get(args.backbone, args.backbone)
     tag = args.tag or f"{short}-{args.image_size}px-{args.device.split(':')[0]}"

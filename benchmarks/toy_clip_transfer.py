@@ -28,6 +28,7 @@ image AUROC also gets a 95 % bootstrap interval over the test images
 (getrusage max RSS of the pretraining process) come from the checkpoint's record. Writes
 ``benchmarks/results/toy_clip_transfer.{csv,md}`` and ``toy_clip_transfer_scores.csv`` (one row per image).
 
+    python benchmarks/toy_clip_transfer.py --bundled --update-manifest   # the toy CLIP shipped in bpfl/weights
     python benchmarks/toy_clip_transfer.py                 # builds the 3 toy CLIPs if needed, 3 seeds each
     python benchmarks/toy_clip_transfer.py --seeds 0 --toy-clip /path/to/toy.pt
     python benchmarks/toy_clip_transfer.py --large-seed 7 --test-good 30 --test-anomalous 30 --skip-random \
@@ -51,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bpfl.backbone import default_layers, load_backbone  # noqa: E402
+from bpfl.bundled_weights import (BUNDLED_TAG, manifest_path, read_manifest, verify_bundle,  # noqa: E402
+                                  write_manifest)
 from bpfl.data import SYNTHETIC_GROUPS, make_synthetic_dataset, open_dataset  # noqa: E402
 from bpfl.evaluate import released_topk  # noqa: E402
 from bpfl.toyclip import (DEFAULT_BATCH, DEFAULT_STEPS, TOY_ARCH, TOY_BAYESPFL_LR, TOY_IMAGE_SIZE,  # noqa: E402
@@ -106,6 +109,12 @@ def ensure_pretrained(path: Path, steps: int, batch_size: int, seed: int) -> dic
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundled", action="store_true",
+                    help="measure the toy CLIP shipped in the package (bpfl/weights), nothing to build; results "
+                         "default to benchmarks/results/toy_clip_transfer_bundled.*")
+    ap.add_argument("--update-manifest", action="store_true",
+                    help="with --bundled: write the measured toy-CLIP numbers (and the file's sha256) into the "
+                         "bundled file's manifest")
     ap.add_argument("--toy-clip", nargs="+", default=None,
                     help="toy CLIP checkpoint(s) (default: the cache paths of --pretrain-seeds; built if missing)")
     ap.add_argument("--pretrain-steps", type=int, default=DEFAULT_STEPS)
@@ -124,7 +133,9 @@ def main(argv=None) -> int:
                     help="seed of the large test set (default: the default dataset's, so that it contains the "
                          "default split; another seed draws a separate development set)")
     ap.add_argument("--work", default=None, help="scratch folder (default $BPFL_CACHE/toyclip/bench)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_clip_transfer"))
+    ap.add_argument("--out", default=None,
+                    help="results prefix (default benchmarks/results/toy_clip_transfer, with --bundled "
+                         "benchmarks/results/toy_clip_transfer_bundled)")
     ap.add_argument("--with-tiny", action="store_true", help="also run Bayes-PFL on random bpfl-tiny at 224 px")
     ap.add_argument("--skip-random", action="store_true", help="leave out Bayes-PFL on the random backbone")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -141,11 +152,22 @@ def main(argv=None) -> int:
         if args.pretrain_seeds != ap.get_default("pretrain_seeds"):
             ap.error("give one --pretrain-seeds value per --toy-clip file")
         args.pretrain_seeds = list(range(len(args.toy_clip)))
-    toy_paths = ([Path(f) for f in args.toy_clip] if args.toy_clip else
-                 [default_toy_clip_path(TOY_ARCH, s) for s in args.pretrain_seeds])
-    metas = [ensure_pretrained(path, args.pretrain_steps, args.pretrain_batch, s)
-             for path, s in zip(toy_paths, args.pretrain_seeds)]
-    work = Path(args.work) if args.work else toy_paths[0].parent / "bench"
+    results = ROOT / "benchmarks" / "results"
+    args.out = args.out or str(results / ("toy_clip_transfer_bundled" if args.bundled else "toy_clip_transfer"))
+    if args.update_manifest and not args.bundled:
+        ap.error("--update-manifest needs --bundled")
+    if args.bundled:
+        manifest = verify_bundle()
+        args.pretrain_seeds = [int(manifest["seed"])]
+        toy_paths = [Path(BUNDLED_TAG)]
+        metas = [bundled_meta(manifest)]
+    else:
+        toy_paths = ([Path(f) for f in args.toy_clip] if args.toy_clip else
+                     [default_toy_clip_path(TOY_ARCH, s) for s in args.pretrain_seeds])
+        metas = [ensure_pretrained(path, args.pretrain_steps, args.pretrain_batch, s)
+                 for path, s in zip(toy_paths, args.pretrain_seeds)]
+    cache = Path(os.environ.get("BPFL_CACHE") or "~/.cache/bpfl").expanduser() / "toyclip"
+    work = Path(args.work) if args.work else (cache if args.bundled else toy_paths[0].parent) / "bench"
     data = Path(args.data) if args.data else work / "synthetic"
     args.data_root = str(data)
     if not (data / "bpfl_synthetic.json").is_file():
@@ -206,8 +228,37 @@ def main(argv=None) -> int:
         add(df, sc)
     all_rows = pd.concat(frames, ignore_index=True)
     all_scores = pd.concat(score_frames, ignore_index=True)
+    if args.bundled:  # say which rows used the bundled file
+        label = f"bundled {read_manifest()['sha256'][:12]}"
+        all_rows["toy_clip"] = [label if "toy" in m and not m.startswith("Bayes-PFL, random") else ""
+                                for m in all_rows.method]
     write(all_rows, all_scores, metas, configs, machine, args, toy_paths, time.perf_counter() - t_start)
+    if args.update_manifest:
+        update_manifest(Path(args.out), machine)
     return 0
+
+
+def bundled_meta(manifest: dict) -> dict:
+    """The bundled file's build record in the shape of a checkpoint's ``.json`` (for the pretraining lines)."""
+    built = manifest.get("built_with", {})
+    return {"arch": manifest.get("arch", TOY_ARCH), "settings": manifest["recipe"],
+            "images_seen": manifest["recipe"]["steps"] * manifest["recipe"]["batch_size"], **built}
+
+
+def update_manifest(out: Path, machine: str) -> dict:
+    """Write the toy CLIP's measured transfer (large test set, mean over runs) and the measured file's sha256
+    into the bundled manifest; ``tests/test_bundled_weights.py`` checks both against the result file."""
+    summary = summarize(pd.read_csv(out.with_suffix(".csv")), LARGE_TEST_SET)
+    manifest = read_manifest()
+    manifest["transfer"] = {
+        "sha256": verify_bundle()["sha256"], "result_file": out.with_suffix(".csv").name, "method": TOY_NAME,
+        "test_set": LARGE_TEST_SET, "pixel_auroc": round(float(summary.at[TOY_NAME, "pixel_auroc_mean"]), 4),
+        "image_auroc": round(float(summary.at[TOY_NAME, "image_auroc_mean"]), 4),
+        "runs": int(summary.at[TOY_NAME, "n_seeds"]), "machine": machine,
+    }
+    write_manifest(manifest)
+    print(f"[bench] wrote the transfer numbers into {manifest_path()}")
+    return manifest
 
 
 def large_unseen_set(data: Path, work: Path, n_good: int, n_anomalous: int, seed: int | None = None) -> Path:
@@ -360,8 +411,12 @@ def write(rows: pd.DataFrame, scores: pd.DataFrame, metas: list[dict], configs: 
     large_how = ("generated with the same seed and recipe, so it *contains* the default split (image i of a kind "
                  "depends only on seed, category and i)." if same_seed else
                  f"generated with the same recipe and another seed ({args.large_seed}): a separate draw.")
+    bundled = ("**The toy CLIP rows are the bundled file** `bpfl/weights/bpfl-toy-seed0.safetensors` (sha256 "
+               f"{read_manifest()['sha256'][:12]}..., column `toy_clip` of the CSV); its pretraining record "
+               "below is the one in its manifest.\n\n" if args.bundled else "")
     text = f"""# Toy CLIP transfer: random vs toy-pretrained CLIP vs a classical reference
 
+{bundled}
 Zero-shot on the synthetic dataset's **unseen** categories ({', '.join(UNSEEN)}), held out of both the
 toy CLIP's pretraining (families and class words) and Bayes-PFL training (trained on the test split of the
 seen categories {', '.join(SEEN)}, as in the paper's protocol). Images at {args.image_size} px. Metrics are the

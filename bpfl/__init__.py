@@ -10,8 +10,9 @@ A teaching and reproduction kit. Modules mirror the paper's sections:
 * :mod:`bpfl.losses`   -- focal, dice, CE, orthogonal and flow losses (§3.6, Eq. 7, 13, 14)
 * :mod:`bpfl.metrics`, :mod:`bpfl.data`, :mod:`bpfl.train`, :mod:`bpfl.evaluate`, :mod:`bpfl.cli`
 """
-from .config import BayesPFLConfig, SWITCHES
-from .reference import load_reference_checkpoint  # noqa: F401  (the authors' released checkpoints)
+from . import prompt_designs  # noqa: F401  (registers the Figure-4 prompt designs with the model)
+from .config import SWITCHES, BayesPFLConfig
+from .reference import load_reference_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["BayesPFLConfig", "SWITCHES", "__version__"]
+__all__ = ["BayesPFLConfig", "SWITCHES", "__version__", "load_reference_checkpoint"]

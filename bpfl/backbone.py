@@ -36,11 +36,14 @@ import torch.nn.functional as F
 import open_clip
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
+from .bundled_weights import BUNDLED_ARCH, BUNDLED_TAG, read_bundle, short_hash
+
 log = logging.getLogger(__name__)
 
-_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+#: the kit's own open_clip architectures (bpfl-tiny, bpfl-toy), registered with open_clip on import
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 if "bpfl-tiny" not in open_clip.list_models():
-    open_clip.add_model_config(_CONFIG_DIR)
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 #: The tiny architecture used with random weights by tests, CI and offline runs.
 TINY_BACKBONE = "bpfl-tiny"
@@ -106,14 +109,23 @@ class ClipBackbone(nn.Module):
     vectors spliced into the token embeddings.
     """
 
+    #: how the image encoder's attention runs (``load_backbone(attention=...)``): ``"sdpa"`` fused
+    #: ``scaled_dot_product_attention`` (flash attention on CPU and GPU), ``"mha-fastpath"`` torch's native
+    #: ``nn.MultiheadAttention`` inference fast path (separate bmm + softmax: 1.2-1.4x slower on the ViT-L encoder,
+    #: benchmarks/README.md)
+    ATTENTION_MODES = ("sdpa", "mha-fastpath")
+
     def __init__(self, clip: nn.Module, tokenizer, *, name: str, pretrained: str | None,
-                 layers: Sequence[int], image_size: int, precision: str = "fp32"):
+                 layers: Sequence[int], image_size: int, precision: str = "fp32", attention: str = "sdpa"):
         super().__init__()
         self.clip = clip
         self.tokenizer = tokenizer
         self.name = name
         self.pretrained = pretrained
         self.precision = precision
+        if attention not in self.ATTENTION_MODES:
+            raise ValueError(f"attention={attention!r}: use one of {self.ATTENTION_MODES}")
+        self.attention = attention
         n_blocks = len(clip.visual.transformer.resblocks)
         layers = tuple(int(l) for l in layers)
         bad = [l for l in layers if not 1 <= l <= n_blocks]
@@ -161,21 +173,101 @@ class ClipBackbone(nn.Module):
     def is_random(self) -> bool:
         return self.pretrained in RANDOM_TAGS
 
+    @property
+    def is_toy(self) -> bool:
+        """The kit's toy CLIP (bundled or built locally): it knows synthetic surfaces only."""
+        return self.name == BUNDLED_ARCH and not self.is_random
+
+    def weights_label(self) -> str:
+        """What the weights are, in a few words (the bundled toy CLIP with its sha256 prefix)."""
+        if self.is_random:
+            return "random weights"
+        if self.pretrained == BUNDLED_TAG:
+            return f"bundled toy CLIP, sha256 {short_hash()}"
+        if self.is_toy:
+            return f"toy CLIP from {self.pretrained}"
+        return f"pretrained={self.pretrained}"
+
     def describe(self) -> str:
-        w = "random weights" if self.is_random else f"pretrained={self.pretrained}"
-        return f"{self.name} ({w}) at {self.image_size}px, layers {list(self.layers)}, device {self.device}"
+        return (f"{self.name} ({self.weights_label()}) at {self.image_size}px, layers {list(self.layers)}, "
+                f"device {self.device}")
 
     def train(self, mode: bool = True) -> "ClipBackbone":  # CLIP is frozen: always eval
         super().train(False)
         return self
 
     # ------------------------------------------------------------------ image side
+    @staticmethod
+    def native_bf16(device: str | torch.device) -> bool:
+        """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16
+        or AMX (oneDNN then runs bf16 matmuls at about twice the fp32 rate; elsewhere bf16 is emulated and slower
+        than fp32)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if device.type == "cpu":
+            checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+            if any(c is not None for c in checks):
+                return any(bool(c()) for c in checks if c is not None)
+            try:  # older torch: the kernel's CPU flags
+                flags = Path("/proc/cpuinfo").read_text().split()
+            except OSError:
+                return False
+            return "avx512_bf16" in flags or "amx_bf16" in flags
+        return device.type == "mps"
+
+    @property
+    def image_compute_dtype(self) -> torch.dtype:
+        """The dtype the image encoder computes in: ``precision`` under autocast on a GPU (and MPS); on a CPU, bf16
+        only where it is native (:meth:`native_bf16`), else fp32 (fp16 is never used on a CPU)."""
+        if self.precision == "fp32":
+            return torch.float32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        if self.device.type == "cpu" and not (dtype == torch.bfloat16 and self.native_bf16(self.device)):
+            return torch.float32
+        return dtype
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _mha_fastpath(enabled: bool):
+        """``torch.backends.mha.set_fastpath_enabled`` for the duration of a block (restored afterwards)."""
+        before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(enabled)
+        try:
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(before)
+
+    def image_encoder_context(self) -> contextlib.ExitStack:
+        """The settings the image encoder runs under (each measured, ``benchmarks/bench_inference.py`` part e):
+
+        * ``attention="sdpa"``: torch's ``nn.MultiheadAttention`` inference fast path is switched off, so open_clip's
+          blocks go through ``F.multi_head_attention_forward`` and its fused ``scaled_dot_product_attention``
+          (flash attention) instead of a separate bmm + softmax + bmm; equal to 4e-6 on ViT-L;
+        * autocast to :attr:`image_compute_dtype` when it is not fp32 (bf16 on a CPU with native bf16, the
+          ``precision`` on a GPU).
+
+        ``torch.no_grad`` rather than ``torch.inference_mode``: no faster here (measured), and inference tensors
+        could not be saved for the backward pass of the projections that training applies to these features.
+        """
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._mha_fastpath(self.attention == "mha-fastpath"))
+        dtype = self.image_compute_dtype
+        if dtype != torch.float32:
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=dtype))
+        return stack
+
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        """images [N, 3, S, S] (CLIP-normalised) -> :class:`ImageFeatures` (x_cls and per-layer patch tokens)."""
+        """images [N, 3, S, S] (CLIP-normalised) -> :class:`ImageFeatures` (x_cls and per-layer patch tokens).
+
+        Runs under :meth:`image_encoder_context` (fused attention; bf16 where asked for and native); the features
+        are returned in fp32 whatever the compute dtype. (On a CPU only the image encoder follows ``precision``;
+        the text path stays fp32 there, :func:`autocast_context`.)
+        """
         visual = self.clip.visual
         images = images.to(self.device, non_blocking=True)
-        with autocast_context(self.device, self.precision):
+        with self.image_encoder_context():
             out = visual.forward_intermediates(images, indices=[l - 1 for l in self.layers],
                                                output_fmt="NLC", intermediates_only=False)
         return ImageFeatures(cls=out["image_features"].float(),
@@ -312,12 +404,14 @@ def _hf_cache_dir(cache_dir: str | None) -> str:
         return str(Path.home() / ".cache" / "huggingface" / "hub")
 
 
-def _offline_requested() -> bool:
+def offline_requested() -> bool:
+    """True when HF_HUB_OFFLINE / BPFL_OFFLINE / TRANSFORMERS_OFFLINE ask for no network."""
     return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
                for v in ("HF_HUB_OFFLINE", "BPFL_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 0.5) -> bool:
+def host_reachable(host: str, port: int = 443, timeout: float = 0.5) -> bool:
+    """Can a TCP connection to ``host`` be opened within ``timeout`` seconds?"""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -325,7 +419,7 @@ def _reachable(host: str, port: int = 443, timeout: float = 0.5) -> bool:
         return False
 
 
-def _cached_tag_file(cfg: dict, cache_dir: str | None) -> str | None:
+def cached_weights_file(cfg: dict, cache_dir: str | None = None) -> str | None:
     """The local file open_clip would load for a pretrained tag, if it is already cached."""
     hub = cfg.get("hf_hub", "")
     if hub:
@@ -404,12 +498,14 @@ def _looks_like_openai(sd: dict) -> bool:
     return w is not None and w.dtype == torch.float16 and "text_projection" in sd
 
 
-def load_state_dict_into(clip: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint file into an open_clip model, resizing the positional embeddings to the model's grid.
+def load_state_dict_into(clip: nn.Module, path: str | Path | dict) -> None:
+    """Load a checkpoint file (or a state dict) into an open_clip model, resizing the positional embeddings to the
+    model's grid.
 
     Every key must match (``strict=True``); a mismatch raises with the offending keys listed.
     """
-    sd = _read_state_dict(path)
+    sd = dict(path) if isinstance(path, dict) else _read_state_dict(path)
+    path = "(state dict)" if isinstance(path, dict) else path
     # TorchScript archives also store non-persistent buffers (e.g. the causal attn_mask): not weights.
     non_persistent = {n for n, _ in clip.named_buffers()} - set(clip.state_dict())
     sd = {k: v for k, v in sd.items() if k not in non_persistent}
@@ -427,11 +523,16 @@ def load_state_dict_into(clip: nn.Module, path: str | Path) -> None:
 def load_backbone(name: str = "ViT-L-14-336", pretrained: str | None = "openai", image_size: int = 518,
                   layers: Iterable[int] = (6, 12, 18, 24), device: str | torch.device | None = None,
                   quick_gelu: bool | None = None, precision: str = "fp32",
-                  cache_dir: str | None = None) -> ClipBackbone:
+                  cache_dir: str | None = None, attention: str = "sdpa") -> ClipBackbone:
     """Build a frozen :class:`ClipBackbone` through open_clip.
 
+    ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast: everywhere on a GPU; on a CPU bf16 applies to the
+    image encoder where the CPU has native bf16 (AVX512-BF16, AMX), otherwise fp32 runs (with a warning).
+    ``attention``: the image encoder's attention kernel (:attr:`ClipBackbone.ATTENTION_MODES`; default fused SDPA).
+
     ``name``: an open_clip architecture (``ViT-L-14-336``, ``ViT-B-16``, ``bpfl-tiny``...) or ``local-dir:PATH``.
-    ``pretrained``: an open_clip tag (``openai``), a checkpoint file, or ``None``/``"random"``.
+    ``pretrained``: an open_clip tag (``openai``), a checkpoint file, ``"bpfl-bundled"`` (the toy CLIP inside the
+    package, ``name="bpfl-toy"``; :mod:`bpfl.bundled_weights`), or ``None``/``"random"``.
     ``image_size``: forced input size; at 518 px ViT-L/14 gives a 37x37 grid (positional embedding resized).
     ``quick_gelu``: None = what the weights need (QuickGELU for OpenAI weights); False reproduces the released
     code's exact-GELU towers.
@@ -440,8 +541,15 @@ def load_backbone(name: str = "ViT-L-14-336", pretrained: str | None = "openai",
     pretrained = None if pretrained in RANDOM_TAGS else str(pretrained)
     layers = tuple(layers)
     file_path = None
+    state_dict = None
     tag_cfg: dict = {}
-    if name.startswith("local-dir:"):
+    if pretrained == BUNDLED_TAG:
+        if name != BUNDLED_ARCH:
+            raise ValueError(f"pretrained='{BUNDLED_TAG}' is the bundled toy CLIP: use it with --backbone "
+                             f"{BUNDLED_ARCH}, not {name}")
+        state_dict = read_bundle()
+        quick_gelu = bool(quick_gelu)
+    elif name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:"):])
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"'{name}': expected {folder / 'open_clip_config.json'} and a weights file "
@@ -460,13 +568,13 @@ def load_backbone(name: str = "ViT-L-14-336", pretrained: str | None = "openai",
                 tags = open_clip.list_pretrained_tags_by_model(name)
                 raise ValueError(f"'{pretrained}' is neither a file nor a known pretrained tag for {name}; "
                                  f"known tags: {tags or 'none'}")
-            cached = _cached_tag_file(tag_cfg, cache_dir)
+            cached = cached_weights_file(tag_cfg, cache_dir)
             if cached is None:
-                if _offline_requested():
+                if offline_requested():
                     raise WeightsNotAvailableError(_missing_weights_message(
                         name, pretrained, tag_cfg, cache_dir, "they are not cached and HF_HUB_OFFLINE is set"))
                 host = "huggingface.co" if tag_cfg.get("hf_hub") else "openaipublic.azureedge.net"
-                if not _reachable(host):
+                if not host_reachable(host):
                     raise WeightsNotAvailableError(_missing_weights_message(
                         name, pretrained, tag_cfg, cache_dir, f"they are not cached and {host} is unreachable"))
             else:
@@ -479,18 +587,23 @@ def load_backbone(name: str = "ViT-L-14-336", pretrained: str | None = "openai",
     kwargs = dict(force_image_size=image_size, force_quick_gelu=bool(quick_gelu))
     if name.startswith("local-dir:"):
         clip = open_clip.create_model(name, **kwargs, cache_dir=cache_dir)  # the folder's config decides GELU
-    elif file_path is not None:
+    elif file_path is not None or state_dict is not None:
         with _without_random_init_warning():  # the weights are loaded from the file right below
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
-        load_state_dict_into(clip, file_path)
+        load_state_dict_into(clip, state_dict if state_dict is not None else file_path)
     elif pretrained is not None:  # a tag that is downloadable right now
         clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
-    else:
-        clip = open_clip.create_model(name, pretrained=None, **kwargs)
+    else:  # random weights, as asked: say so once (ClipBackbone.is_random), not through open_clip's root logger
+        with _without_random_init_warning():
+            clip = open_clip.create_model(name, pretrained=None, **kwargs)
     clip = clip.to(dev).float()
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipBackbone(clip, tokenizer, name=name, pretrained=pretrained, layers=layers,
-                        image_size=image_size, precision=precision)
+    backbone = ClipBackbone(clip, tokenizer, name=name, pretrained=pretrained, layers=layers,
+                            image_size=image_size, precision=precision, attention=attention)
+    if precision != "fp32" and backbone.image_compute_dtype == torch.float32:
+        log.warning("precision=%s: this %s has no native %s, so the image encoder runs in fp32 (emulated bf16 "
+                    "would be slower)", precision, dev.type.upper(), precision)
+    return backbone
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import ImageFeatures
+from .model import BayesPFLOutput
 
 __all__ = ["DistContext", "setup", "Shard", "shard_sizes", "epoch_plan", "gather_rows", "ShardedStep",
            "launched_by_torchrun"]
@@ -229,7 +230,6 @@ class ShardedStep(nn.Module):
 
     def forward(self, feats: ImageFeatures, class_names: Sequence[str], masks: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator | None, shard: Shard) -> dict[str, torch.Tensor]:
-        from .model import BayesPFLOutput
 
         model = self.model
         cfg = model.config

@@ -20,24 +20,15 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import metrics as M
+from .backbone_choice import run_notes
 from .config import BayesPFLConfig
+from .data.synthetic import is_synthetic_root
 from .model import BayesPFL
 
 #: released code: categories whose image score uses the top-20 map values (others: top-2000)
 RELEASED_TOP20 = {"capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum"}
 #: released code: datasets whose image score is s_text only (HeadCT, BrainMRI, Br35H)
 RELEASED_TEXT_ONLY = {"head ct", "brain ct", "brain"}
-
-#: Paper Table 1, Bayes-PFL column: (image AUROC, F1-max, AP) and (pixel AUROC, PRO, AP), in %.
-PAPER_TABLE1 = {
-    "MVTec-AD": {"image": (92.3, 93.1, 96.7), "pixel": (91.8, 87.4, 48.3)},
-    "VisA": {"image": (87.0, 84.1, 89.2), "pixel": (95.6, 88.9, 29.8)},
-    "BTAD": {"image": (93.2, 91.9, 96.5), "pixel": (93.9, 76.6, 47.1)},
-    "KSDD2": {"image": (97.3, 92.3, 97.9), "pixel": (99.6, 97.6, 73.7)},
-    "RSDD": {"image": (94.1, 89.6, 92.3), "pixel": (99.6, 98.0, 39.1)},
-    "DAGM": {"image": (97.7, 95.7, 97.0), "pixel": (99.3, 98.0, 43.1)},
-    "DTD-Synthetic": {"image": (95.1, 95.1, 98.4), "pixel": (97.8, 94.3, 69.9)},
-}
 
 
 def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -64,31 +55,32 @@ def released_topk(category: str) -> int:
 
 
 def provenance(model: BayesPFL, *, dataset: str = "", protocol: str = "", n_samples: int | None = None,
-               seeds: Sequence[int] = (), extra: dict | None = None) -> dict:
-    """Everything a results table must carry to be reproducible."""
+               seeds: Sequence[int] = (), extra: dict | None = None, synthetic_data: bool | None = None) -> dict:
+    """Everything a results table must carry to be reproducible, with the notes the weights call for
+    (:func:`bpfl.backbone_choice.run_notes`; ``synthetic_data`` None: judged from the ``dataset`` path)."""
     cfg = model.config
     bb = model.backbone
     switches = cfg.differences(BayesPFLConfig(backbone=cfg.backbone, pretrained=cfg.pretrained,
                                               image_size=cfg.image_size, layers=cfg.layers))
     return {
         "backbone": bb.name, "pretrained": bb.pretrained or "random (no pretrained weights)",
+        "weights": bb.weights_label(),
         "image_size": bb.image_size, "layers": list(bb.layers),
         "R": n_samples or cfg.test_samples, "K": cfg.flow_length, "B": cfg.n_prompts,
         "seeds": list(seeds), "dataset": dataset, "protocol": protocol,
         "config_vs_paper": {k: v[0] for k, v in switches.items()},
         "random_backbone": bb.is_random, "torch": torch.__version__, "device": str(bb.device),
-        "host": platform.node(), **(extra or {}),
+        "host": platform.node(),
+        "notes": run_notes(model, is_synthetic_root(dataset) if synthetic_data is None else synthetic_data),
+        **(extra or {}),
     }
 
 
 def provenance_markdown(prov: dict) -> str:
-    lines = [f"- **{k}**: {v}" for k, v in prov.items() if k != "config_vs_paper"]
+    lines = [f"- **{k}**: {v}" for k, v in prov.items() if k not in ("config_vs_paper", "notes")]
     diff = prov.get("config_vs_paper") or {}
     lines.append(f"- **config switches differing from the paper**: {diff if diff else 'none'}")
-    if prov.get("random_backbone"):
-        lines.insert(0, "> **Random-weight backbone: these numbers show the pipeline's mechanics only, not the "
-                        "method.** Zero-shot transfer to unseen categories needs pretrained CLIP features.")
-    return "\n".join(lines)
+    return "\n".join([f"> **{note}**\n" for note in prov.get("notes") or []] + lines)
 
 
 @dataclass
@@ -106,8 +98,13 @@ class EvalResult:
 
 @torch.no_grad()
 def predict_dataset(model: BayesPFL, dataset, indices: Sequence[int] | None = None, *, n_samples: int | None = None,
-                    batch_size: int = 8, seed: int = 0, progress: bool = True, desc: str = "predict"):
-    """Yield (batch dict, BayesPFLOutput) over ``dataset`` (optionally a subset), R samples per image."""
+                    batch_size: int = 8, seed: int = 0, progress: bool = True, desc: str = "predict",
+                    features: "FeatureStore | None" = None):
+    """Yield (batch dict, BayesPFLOutput) over ``dataset`` (optionally a subset), R samples per image.
+
+    ``features``: a :class:`bpfl.features.FeatureStore`; each image is then encoded once and its frozen CLIP
+    features reused by every later call with the same store (R / seed sweeps; results unchanged).
+    """
     from tqdm.auto import tqdm
 
     from .data import collate
@@ -117,9 +114,12 @@ def predict_dataset(model: BayesPFL, dataset, indices: Sequence[int] | None = No
     subset = dataset if indices is None else Subset(dataset, list(indices))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     gen = torch.Generator().manual_seed(seed)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        out = model(batch["image"], batch["class_name"], n_samples=n_samples, generator=gen,
-                    map_size=batch["image"].shape[-2:])
+    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    for b, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        feats = None if features is None else features.features(
+            model.backbone, dataset, order[b * batch_size:(b + 1) * batch_size], batch["image"])
+        out = model(batch["image"] if feats is None else None, batch["class_name"], n_samples=n_samples,
+                    generator=gen, map_size=batch["image"].shape[-2:], features=feats)
         yield batch, out
 
 
@@ -127,8 +127,11 @@ def evaluate(model: BayesPFL, dataset, *, n_samples: int | None = None, batch_si
              map_sigma: float | None = None, aupro_variant: str | Sequence[str] | None = "mvtec",
              metric_method: str = "auto", out_dir: str | Path | None = None, overlays: int = 0,
              dataset_name: str = "", protocol: str = "zero-shot", progress: bool = True,
-             categories: Sequence[str] | None = None) -> EvalResult:
+             categories: Sequence[str] | None = None, features: "FeatureStore | None" = None) -> EvalResult:
     """Zero-shot test of ``model`` on ``dataset`` (an :class:`bpfl.data.AnomalyDataset`).
+
+    ``features``: a :class:`bpfl.features.FeatureStore` shared by several evaluations (seeds, R values, epochs) so
+    that each image is encoded once; the results are the same as without it.
 
     ``map_sigma`` defaults to ``config.map_sigma`` (paper: none; released: 8). The image score follows
     ``config.image_score``: ``"sum"`` = s_text + max(M) (paper), ``"released"`` = per-category min-max fusion of
@@ -161,7 +164,7 @@ def evaluate(model: BayesPFL, dataset, *, n_samples: int | None = None, batch_si
             acc = M.PixelMetricAccumulator(method, regions=aupro_variant is not None)
         k = released_topk(cat)
         for batch, out in predict_dataset(model, dataset, idx, n_samples=n_samples, batch_size=batch_size,
-                                          seed=seed, progress=progress, desc=cat):
+                                          seed=seed, progress=progress, desc=cat, features=features):
             maps = out.anomaly_map.float().cpu().numpy()
             flat = out.anomaly_map.flatten(1)
             s_topk.append(flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1).cpu().numpy())
@@ -183,7 +186,9 @@ def evaluate(model: BayesPFL, dataset, *, n_samples: int | None = None, batch_si
             scores = released_image_scores(text_a, topk_a, cat)
         else:
             scores = sum_a
-        row = M.image_metrics(labels_a, scores, category=cat)
+        # undefined (one class only): NaN, left out of the mean (paper tables) | 0, entering it (released code)
+        row = M.image_metrics(labels_a, scores, category=cat,
+                              undefined=0.0 if cfg.undefined_metrics == "zero" else math.nan)
         if acc is not None:
             variants = () if aupro_variant is None else ((aupro_variant,) if isinstance(aupro_variant, str)
                                                           else tuple(aupro_variant))
@@ -194,7 +199,7 @@ def evaluate(model: BayesPFL, dataset, *, n_samples: int | None = None, batch_si
                                "text_score": float(st), "map_max": float(sm), f"map_top{k}_mean": float(tk)})
     table = M.category_table(per_category)
     prov = provenance(model, dataset=dataset_name or str(getattr(dataset, "root", "")), protocol=protocol,
-                      n_samples=n_samples, seeds=[seed], extra={"map_sigma": sigma,
+                      n_samples=n_samples, seeds=[seed], extra={"training_seed": cfg.seed, "map_sigma": sigma,
                                                                 "image_score": cfg.image_score,
                                                                 "aupro_variant": aupro_variant})
     result = EvalResult(per_category, table, pd.DataFrame(score_rows), prov, time.perf_counter() - t0)
@@ -235,20 +240,89 @@ def markdown_table(df: pd.DataFrame, index_name: str | None = None) -> str:
     return "\n".join(rows)
 
 
-def evaluate_seeds(model: BayesPFL, dataset, seeds: Sequence[int], **kwargs) -> pd.DataFrame:
-    """Mean ± std over Monte-Carlo seeds of the category-mean metrics (the paper reports 5 seeds)."""
-    rows = []
-    for s in seeds:
-        res = evaluate(model, dataset, seed=s, **{k: v for k, v in kwargs.items() if k != "out_dir"})
-        rows.append(res.table.loc["mean"].rename(f"seed {s}"))
-    df = pd.DataFrame(rows)
-    summary = pd.DataFrame({"mean": df.mean(), "std": df.std(ddof=1) if len(seeds) > 1 else df.std(ddof=0)})
-    if kwargs.get("out_dir"):
-        out = Path(kwargs["out_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out / "seeds.csv")
-        summary.to_csv(out / "seeds_summary.csv")
+def selection_score(model: BayesPFL, dataset, *, batch_size: int = 8, seed: int = 0) -> float:
+    """The validation score behind ``config.selection`` (higher is better): category-mean pixel AP at
+    R = ``config.validation_samples`` (None: the test R, ``config.test_samples``; released code: 5).
+
+    Use it as ``bpfl.train.train(..., val_fn=lambda m: selection_score(m, held_out))``. The paper selects
+    nothing (``selection="last"``); ``"released-target"`` validates on TARGET categories (leakage).
+    """
+    cfg = model.config
+    res = evaluate(model, dataset, n_samples=cfg.validation_samples or cfg.test_samples, batch_size=batch_size,
+                   seed=seed, progress=False, aupro_variant=None)
+    return res.mean("pixel_ap")
+
+
+#: caption of a mean ± std over Monte-Carlo redraws (one trained model) and over independent training runs
+MC_CAPTION = "mean ± std over {n} Monte-Carlo redraws of one trained model (sampling seeds {seeds})"
+RUNS_CAPTION = "mean ± std over {n} training runs (training seeds {seeds})"
+
+
+def mean_std_summary(rows: pd.DataFrame, caption: str, kind: str) -> pd.DataFrame:
+    """``rows`` (one row per seed, one column per metric) -> DataFrame(index=metric, columns mean/std/n).
+
+    std is the sample standard deviation (ddof = 1; 0 for a single row). ``caption`` and ``kind``
+    ("monte-carlo" or "training-runs") are kept in ``summary.attrs`` so a table says what its ± means.
+    """
+    std = rows.std(ddof=1) if len(rows) > 1 else rows.std(ddof=0)
+    summary = pd.DataFrame({"mean": rows.mean(), "std": std, "n": rows.notna().sum().astype(int)})
+    summary.attrs.update(caption=caption, kind=kind, n=len(rows))
     return summary
+
+
+def write_mean_std(rows: pd.DataFrame, summary: pd.DataFrame, out_dir: str | Path, stem: str,
+                   title: str, provenance_md: str = "") -> dict[str, Path]:
+    """``<stem>.csv`` (one row per seed), ``<stem>_summary.csv`` and ``<stem>_summary.md`` (caption, %)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"rows": out / f"{stem}.csv", "summary_csv": out / f"{stem}_summary.csv",
+             "summary_md": out / f"{stem}_summary.md"}
+    rows.to_csv(files["rows"])
+    summary.to_csv(files["summary_csv"])
+    table = format_mean_std(summary).rename("value").to_frame()
+    files["summary_md"].write_text(f"# {title}\n\n**{summary.attrs['caption']}** (metrics in %).\n\n"
+                                   + (f"{provenance_md}\n\n" if provenance_md else "")
+                                   + markdown_table(table, index_name="metric") + "\n")
+    return files
+
+
+def evaluate_mc_seeds(model: BayesPFL, dataset, seeds: Sequence[int], **kwargs) -> pd.DataFrame:
+    """Mean ± std over Monte-Carlo sampling seeds of ONE trained model (category-mean metrics).
+
+    Only the R prompt samples of Eq. 8-9 are redrawn; the trained weights stay the same. This is NOT the
+    paper's "5 random seeds", which are independent training runs (:func:`bpfl.seeds.train_and_evaluate_seeds`,
+    ``bpfl test --checkpoint a.pt b.pt ...``): it understates the spread, most of all at small R (Table 3).
+    Returns DataFrame(index=metric, columns mean/std/n) whose ``attrs["caption"]`` says so; with ``out_dir``
+    writes ``mc_seeds.csv``, ``mc_seeds_summary.csv`` and ``mc_seeds_summary.md``.
+    """
+    out_dir = kwargs.pop("out_dir", None)
+    if len(seeds) > 1 and kwargs.get("features") is None:  # the seeds share each image's encoder pass
+        from .features import FeatureStore
+        kwargs["features"] = FeatureStore()
+    rows, prov = [], None
+    for s in seeds:
+        res = evaluate(model, dataset, seed=s, **kwargs)
+        rows.append(res.table.loc["mean"].rename(f"mc seed {s}"))
+        prov = prov or res.provenance
+    df = pd.DataFrame(rows)
+    df.index.name = "monte_carlo_seed"
+    summary = mean_std_summary(df, MC_CAPTION.format(n=len(seeds), seeds=", ".join(map(str, seeds))),
+                               kind="monte-carlo")
+    if out_dir:
+        summary.attrs["files"] = write_mean_std(df, summary, out_dir, "mc_seeds",
+                                                "Monte-Carlo redraws of one trained model",
+                                                provenance_markdown(prov) if prov else "")
+    return summary
+
+
+def evaluate_seeds(model: BayesPFL, dataset, seeds: Sequence[int], **kwargs) -> pd.DataFrame:
+    """Deprecated name of :func:`evaluate_mc_seeds` (Monte-Carlo redraws of one trained model, NOT training
+    runs: for the paper's seeds use :func:`bpfl.seeds.train_and_evaluate_seeds`)."""
+    import warnings
+    warnings.warn("evaluate_seeds redraws only the Monte-Carlo prompt samples of one trained model; it is now "
+                  "called evaluate_mc_seeds. The paper's seeds are training runs: "
+                  "bpfl.seeds.train_and_evaluate_seeds.", DeprecationWarning, stacklevel=2)
+    return evaluate_mc_seeds(model, dataset, seeds, **kwargs)
 
 
 def format_mean_std(summary: pd.DataFrame, percent: bool = True) -> pd.Series:

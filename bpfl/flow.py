@@ -58,6 +58,7 @@ __all__ = [
     "GaussianEncoder",
     "FlowSample",
     "PromptFlow",
+    "flow_log_density",
     "flow_kl",
 ]
 
@@ -211,6 +212,18 @@ def gaussian_log_prob(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I), summed over the last dim, including the constants (the prior p of Eq. 7)."""
     return -0.5 * (_LOG_2PI + z * z).sum(-1)
+
+
+def flow_log_density(z0: Tensor, mu: Tensor, log_var: Tensor, log_det: Tensor) -> Tensor:
+    """log q_K(z_K) by the change of variables (paper Eq. 6), the one place the kit writes it:
+
+        log q_K(z_K) = log q0(z0) − Σ_k log|det ∂h_k/∂z_{k−1}|,   q0 = N(μ, diag σ²),
+
+    for z_K = h_K ∘ … ∘ h_1(z0) and ``log_det`` = Σ_k log|det_k| along that path. ``z0 [..., C]`` broadcasts
+    against ``mu, log_var``; ``log_det`` is ``z0.shape[:-1]``. :meth:`PromptFlow.log_qK` (at drawn samples),
+    :meth:`PromptFlow.log_prob` (at any point, via the inverse) and :func:`flow_kl` (Eq. 7) all use it.
+    """
+    return gaussian_log_prob(z0, mu, log_var) - log_det
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -494,7 +507,7 @@ class PromptFlow(nn.Module):
     @staticmethod
     def log_qK(sample: FlowSample) -> Tensor:
         """log q_K(z_K) = log q0(z0) − Σ_k log|det_k| along each draw (paper Eq. 6); ``[R, N]``."""
-        return gaussian_log_prob(sample.z0, sample.mu, sample.log_var) - sample.log_det
+        return flow_log_density(sample.z0, sample.mu, sample.log_var, sample.log_det)
 
     def log_prob(self, points: Tensor, xi: Tensor, context: Tensor | None = None) -> Tensor:
         """log q_K at arbitrary points in z_K space (Eq. 6 via the numerical inverse).
@@ -509,21 +522,23 @@ class PromptFlow(nn.Module):
             context = xi
         z0 = self.flow.inverse(points, context)
         _, log_det = self.flow(z0, context)
-        return gaussian_log_prob(z0, mu, log_var) - log_det
+        return flow_log_density(z0, mu, log_var, log_det)
 
 
 def flow_kl(sample: FlowSample, reduction: str = "mean") -> Tensor:
     """Monte-Carlo flow loss, the first two terms of paper Eq. 7.
 
-    E_{q0}[log q0(z0) − Σ_k log|det_k| − log p(z_K)],  p = N(0, I),
+    E_{q0}[log q0(z0) − Σ_k log|det_k| − log p(z_K)] = E_{q_K}[log q_K(z_K) − log p(z_K)] = KL(q_K ‖ p),
+    p = N(0, I),
 
-    estimated per item by averaging over the R draws of ``sample`` (dim 0), then reduced over the items:
-    ``"mean"`` (default), ``"sum"`` or ``"none"`` (``[N]``). The Gaussian log densities keep their
-    −½·log 2π constants (they cancel between q0 and p), so with an identity flow the value is an unbiased
-    estimate of KL(q0 ‖ N(0, I)).
+    built on the flow's own density: log q_K at each draw is :meth:`PromptFlow.log_qK` (Eq. 6, the same
+    :func:`flow_log_density` that :meth:`PromptFlow.log_prob` evaluates anywhere), so the loss cannot disagree
+    with the density the kit plots and tests. Estimated per item by averaging over the R draws of ``sample``
+    (dim 0), then reduced over the items: ``"mean"`` (default), ``"sum"`` or ``"none"`` (``[N]``). Both log
+    densities keep their −½·log 2π constants (they cancel), so the value is an unbiased estimate of
+    KL(q_K ‖ N(0, I)) for any flow, and of KL(q0 ‖ N(0, I)) for an identity flow.
     """
-    per_draw = (gaussian_log_prob(sample.z0, sample.mu, sample.log_var) - sample.log_det
-                - standard_normal_log_prob(sample.zk))
+    per_draw = PromptFlow.log_qK(sample) - standard_normal_log_prob(sample.zk)
     per_item = per_draw.mean(0)
     if reduction == "mean":
         return per_item.mean()

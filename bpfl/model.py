@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import losses as L
 from .backbone import ClipBackbone, ImageFeatures, load_backbone
 from .config import BayesPFLConfig
-from .flow import FlowSample, PromptFlow, flow_kl
+from .flow import FlowSample, PromptFlow, flow_kl, standard_normal_log_prob
 from .prompts import PromptBanks, class_tokens, encode_prompts
 from .rca import ResidualCrossModalAttention
 
@@ -34,6 +34,17 @@ from .rca import ResidualCrossModalAttention
 #: allocator instead of fetched from the OS each time; measured faster and leaner than 64 MB, benchmarks/README.md)
 MAP_CHUNK_ELEMENTS = 1 << 22
 
+
+
+#: prompt designs other than Bayes-PFL's banks + flows, by ``config.prompt_design`` name: a builder
+#: ``(config, backbone) -> nn.Module`` whose ``forward(model, feats, x, class_names, n_samples, generator)`` returns
+#: the text features. Filled by :mod:`bpfl.prompt_designs` (imported by ``bpfl``) through :func:`register_prompt_design`.
+PROMPT_DESIGNS: dict[str, Callable[[BayesPFLConfig, ClipBackbone], nn.Module]] = {}
+
+
+def register_prompt_design(name: str, builder: Callable[[BayesPFLConfig, ClipBackbone], nn.Module]) -> None:
+    """Make ``config.prompt_design = name`` build its text prompts with ``builder(config, backbone)``."""
+    PROMPT_DESIGNS[name] = builder
 
 @dataclass
 class BayesPFLOutput:
@@ -57,6 +68,17 @@ class BayesPFLOutput:
     pair_maps: torch.Tensor | None = None
     layer_maps: torch.Tensor | None = None
     sample_maps: torch.Tensor | None = None
+
+
+def flow_kl_weighted_log_det(sample: FlowSample, log_det_weight: float) -> torch.Tensor:
+    """Eq. 7's flow terms with the log-det term scaled by ``log_det_weight`` (w):
+
+    E_{q0}[log q0(z0) − w · Σ_k log|det_k| − log p(z_K)], averaged over the R draws and then the items.
+    w = 1 is :func:`bpfl.flow.flow_kl`; the released code's IAD terms have w = 1/N (``iad_log_det_weight``).
+    """
+    per_draw = (PromptFlow.log_q0(sample.z0, sample.mu, sample.log_var) - log_det_weight * sample.log_det
+                - standard_normal_log_prob(sample.zk))
+    return per_draw.mean(0).mean()
 
 
 class AttentionPooling(nn.Module):
@@ -115,7 +137,7 @@ class BayesPFL(nn.Module):
         if not bayes:
             pass
         elif cfg.state_distribution == "iad":
-            init = "randn" if not cfg.iad_share_flow else "normal"
+            init = cfg.iad_flow_init  # its own switch: iad_share_flow changes the sharing and nothing else
             self.normal_flow = PromptFlow(D, in_dim=C, init=init, **flow_kw)
             shared_flow = self.normal_flow.flow if cfg.iad_share_flow else None
             self.abnormal_flow = PromptFlow(D, in_dim=C, init=init, encoder=self.normal_flow.encoder,
@@ -128,7 +150,8 @@ class BayesPFL(nn.Module):
         # §3.4
         self.rca = (ResidualCrossModalAttention(C, cfg.rca_heads, cfg.rca_bias, cfg.rca_normalize_output)
                     if cfg.use_rca else None)
-        # logit scales (fixed CLIP scale by default; learnable in the released code)
+        # logit scales on the cosines of Eq. 11 and s_text: fixed at config.temperature (paper: 1, no scale;
+        # released and teaching: CLIP's 1/0.07), learnable from that value in the released code
         log_t = torch.tensor(math.log(cfg.temperature))
         if cfg.learnable_temperature:
             self.log_temperature_pixel = nn.Parameter(log_t.clone())
@@ -139,11 +162,14 @@ class BayesPFL(nn.Module):
         self.class_mapping = nn.Linear(C, C) if cfg.class_mapping else None
         self.image_mapping = nn.Linear(C, C) if cfg.class_mapping else None
         self._state_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        # an alternative text-prompt design replaces banks + flows (Figure 4: APRIL-GAN+, AnomalyCLIP+, WinCLIP)
+        # an alternative text-prompt design replaces banks + flows (Figure 4: APRIL-GAN+, AnomalyCLIP+, WinCLIP);
+        # the designs register themselves (bpfl.prompt_designs): the model knows only this interface
         self.prompt_design = None
         if cfg.prompt_design != "bayes-pfl":
-            from .prompt_designs import build_prompt_design
-            self.prompt_design = build_prompt_design(cfg, backbone)
+            if cfg.prompt_design not in PROMPT_DESIGNS:
+                raise ValueError(f"prompt design {cfg.prompt_design!r} is not registered: import bpfl.prompt_designs "
+                                 f"(registered: {sorted(PROMPT_DESIGNS) or 'none'})")
+            self.prompt_design = PROMPT_DESIGNS[cfg.prompt_design](cfg, backbone)
         self.to(backbone.device)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -204,10 +230,10 @@ class BayesPFL(nn.Module):
         kls: dict[str, torch.Tensor] = {}
         xi_isd = x if cfg.isd_condition == "cls+patch" else feats.cls
 
-        def draw(flow: PromptFlow, xi: torch.Tensor, name: str, context=None) -> None:
+        def draw(flow: PromptFlow, xi: torch.Tensor, name: str, context=None, log_det_weight: float = 1.0) -> None:
             s: FlowSample = flow(xi, n_samples, context=context, generator=generator)
             phis[name] = s.zk
-            kls[name] = flow_kl(s)
+            kls[name] = flow_kl(s) if log_det_weight == 1.0 else flow_kl_weighted_log_det(s, log_det_weight)
 
         if self.context_flow is not None:
             xi = xi_isd if cfg.context_distribution == "isd" else self.context_xi.expand(N, -1)
@@ -225,8 +251,15 @@ class BayesPFL(nn.Module):
                 phis["normal"] = self._state_cache[0].expand(-1, N, -1)
                 phis["abnormal"] = self._state_cache[1].expand(-1, N, -1)
             else:
-                draw(self.normal_flow, self.normal_xi.expand(N, -1), "normal")
-                draw(self.abnormal_flow, self.abnormal_xi.expand(N, -1), "abnormal")
+                w = 1.0 / N if cfg.iad_log_det_weight == "1/N" else 1.0  # released: IAD log-det / batch size
+                if cfg.iad_one_sample_per_batch and self.training:  # released: z0 is 1 x C for the whole batch
+                    draw(self.normal_flow, self.normal_xi, "normal", log_det_weight=w)
+                    draw(self.abnormal_flow, self.abnormal_xi, "abnormal", log_det_weight=w)
+                    phis["normal"] = phis["normal"].expand(-1, N, -1)
+                    phis["abnormal"] = phis["abnormal"].expand(-1, N, -1)
+                else:
+                    draw(self.normal_flow, self.normal_xi.expand(N, -1), "normal", log_det_weight=w)
+                    draw(self.abnormal_flow, self.abnormal_xi.expand(N, -1), "abnormal", log_det_weight=w)
         return phis, kls
 
     def prompt_embeddings(self, feats: ImageFeatures, x: torch.Tensor, class_names: Sequence[str], n_samples: int,

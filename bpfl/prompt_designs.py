@@ -41,9 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import ClipBackbone, ImageFeatures
+from .backbone import ClipBackbone, ImageFeatures, load_backbone
 from .config import BayesPFLConfig
+from .model import BayesPFL, register_prompt_design
 from .prompts import class_tokens, encode_prompts, prompt_class_name
+from .train import per_epoch_eval, seed_everything, train
 
 __all__ = [
     "PROMPT_DESIGNS", "WINCLIP_STATES", "WINCLIP_TEMPLATES", "APRILGAN_STATES", "APRILGAN_TEMPLATES",
@@ -222,6 +224,10 @@ def build_prompt_design(cfg: BayesPFLConfig, backbone: ClipBackbone) -> PromptDe
                      f"this module builds {sorted(PROMPT_DESIGNS)}")
 
 
+for _name in PROMPT_DESIGNS:  # BayesPFL(config with prompt_design=_name) builds its prompts here
+    register_prompt_design(_name, build_prompt_design)
+
+
 # ------------------------------------------------------------------------------------------ training-free start
 @torch.no_grad()
 def init_projections_from_clip(model) -> None:
@@ -258,12 +264,9 @@ def compare_prompt_designs(train_set, test_set, base_config: BayesPFLConfig, *,
     """
     import pandas as pd
 
-    from .model import BayesPFL
-    from .train import per_epoch_eval, seed_everything, train
 
     out_dir = Path(out_dir)
     if backbone is None:  # one frozen CLIP for every design
-        from .backbone import load_backbone
         c = base_config
         backbone = load_backbone(c.backbone, c.pretrained, c.image_size, c.layers, quick_gelu=c.quick_gelu,
                                  precision=c.precision)

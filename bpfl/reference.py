@@ -57,6 +57,7 @@ from typing import Any, Callable
 import torch
 
 from .config import BayesPFLConfig
+from .model import BayesPFL
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def reference_layout(embed_dim: int = 768, vision_width: int = 1024, n_layers: i
     for which in ("context", "state"):
         mlp(f"{which}_encoder")
         mlp(f"{which}_decoder", heads=("weight_mean",))
-    for pfl, which in (("PFL_context", "context"), ("PFL_normal", "state"), ("PFL_abnormal", "state")):
+    for pfl, _which in (("PFL_context", "context"), ("PFL_normal", "state"), ("PFL_abnormal", "state")):
         mlp(f"{pfl}.encoder")
         mlp(f"{pfl}.decoder", heads=("weight_mean",))
         out[f"{pfl}.p_mu.0.weight"] = (C, C)
@@ -407,7 +408,6 @@ def load_reference_checkpoint(path_or_state_dict, backbone=None, device=None, *,
     Returns the model in eval mode (``model.reference_report`` holds the report; it is also logged), or
     ``(model, report)``.
     """
-    from .model import BayesPFL
 
     sd = read_reference_state_dict(path_or_state_dict)
     cfg = _released_config(sd, backbone, config)

@@ -12,6 +12,23 @@ torch.set_num_threads(1)  # small models: one thread is faster and immune to ove
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+#: Why a ``@pytest.mark.gpu`` test is skipped on a machine without CUDA.
+NO_CUDA_REASON = "needs a CUDA device: torch.cuda.is_available() is False on this machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run wherever CUDA is present and are skipped (with the reason) elsewhere.
+
+    pyproject's ``addopts`` deselects only ``slow`` tests, so on a CUDA machine the plain ``pytest`` runs the
+    ``gpu`` tests too; ``-m 'not gpu'`` still leaves them out by hand. CUDA is queried here, at collection
+    time, not when this file is imported.
+    """
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_items and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason=NO_CUDA_REASON)
+        for item in gpu_items:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_backbone():

@@ -167,7 +167,7 @@ def test_unreachable_hub_is_fast_without_offline_flag(monkeypatch, tmp_path):
     import bpfl.backbone as backbone
     for var in ("HF_HUB_OFFLINE", "BPFL_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(backbone, "_reachable", lambda host, port=443, timeout=0.5: False)
+    monkeypatch.setattr(backbone, "host_reachable", lambda host, port=443, timeout=0.5: False)
     t0 = time.perf_counter()
     with pytest.raises(WeightsNotAvailableError, match="unreachable"):
         load_backbone("ViT-B-16", "openai", image_size=224, device="cpu", cache_dir=str(tmp_path))

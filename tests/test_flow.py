@@ -6,6 +6,7 @@ integral of the density, a histogram of samples, the closed-form Gaussian KL.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from bpfl.flow import (
 )
 
 F64 = torch.float64
+
+pytest_plugins = ["pytester"]  # the gpu-marker test runs a small pytest session
 
 
 def _stack(dim: int, k: int, amortized: bool, constrained: bool, scale: float, seed: int = 0) -> PlanarFlowStack:
@@ -61,7 +64,7 @@ def test_logdet_matches_autograd_jacobian(dim, k, amortized, constrained):
     # unconstrained (released): moderate ones, so that the raw map is invertible and |1 + uᵀψ| is not tiny.
     st = _stack(dim, k, amortized, constrained, scale=2.0 if constrained else 0.3, seed=dim + k)
     ctx = torch.randn(1, dim, dtype=F64) if amortized else None
-    for trial in range(3):
+    for _trial in range(3):
         z = torch.randn(dim, dtype=F64) * 1.5
         jac = torch.autograd.functional.jacobian(lambda x: st(x[None], ctx)[0][0], z)
         sign, logabsdet = torch.linalg.slogdet(jac)
@@ -318,6 +321,77 @@ def test_mc_kl_matches_closed_form_for_a_constrained_translation():
     _check_mc_kl(pf, xi, shift)
 
 
+def _mc_kl_and_standard_error(pf: PromptFlow, xi: torch.Tensor, n: int) -> tuple[float, float, FlowSample]:
+    """flow_kl (Eq. 7) from n draws, and the standard error of that mean from the spread of the draws."""
+    with torch.no_grad():
+        s = pf(xi, n, generator=torch.Generator().manual_seed(5))
+        mc = float(flow_kl(s, reduction="none")[0])
+        # the per-draw terms, written out here from their definitions (not through flow.py's log densities)
+        per_draw = (torch.distributions.Normal(s.mu, torch.exp(0.5 * s.log_var)).log_prob(s.z0).sum(-1)
+                    - s.log_det - torch.distributions.Normal(0.0, 1.0).log_prob(s.zk).sum(-1))[:, 0]
+    return mc, float(per_draw.std() / math.sqrt(n)), s
+
+
+def test_mc_kl_matches_grid_integral_over_z0_with_autograd_jacobian():
+    """Eq. 7 for a 2-D flow with log-dets far from 0, against KL(q_K ‖ N(0, I)) by quadrature.
+
+    Change of variables on a fine grid of z0 (q0 is Gaussian, so ±9σ holds all its mass):
+    KL = ∫ q0(z0) [log q0(z0) − log|det J_T(z0)| − log p(T(z0))] dz0, with J_T the autograd Jacobian of the
+    whole K-step map T (independent of the flow's own log-det code) and T(z0) = z_K.
+    """
+    pf, xi = _flow_2d()
+    n_draws = 200_000
+    mc, se, s = _mc_kl_and_standard_error(pf, xi, n_draws)
+    mu, sd = s.mu[0].detach(), torch.exp(0.5 * s.log_var[0]).detach()
+    n_cells = 600
+    edges = [torch.linspace(float(mu[i] - 9 * sd[i]), float(mu[i] + 9 * sd[i]), n_cells + 1, dtype=F64)
+             for i in range(2)]
+    centres = [0.5 * (e[1:] + e[:-1]) for e in edges]
+    cell = float((edges[0][1] - edges[0][0]) * (edges[1][1] - edges[1][0]))
+    z0 = torch.stack(torch.meshgrid(*centres, indexing="ij"), -1).reshape(-1, 2).requires_grad_(True)
+    zk = pf.flow(z0)[0]
+    # each grid point moves independently: row i of every point's Jacobian is the gradient of Σ_points z_K[:, i]
+    jac = torch.stack([torch.autograd.grad(zk[:, i].sum(), z0, retain_graph=True)[0] for i in range(2)], -2)
+    sign, log_abs_det = torch.linalg.slogdet(jac.detach())
+    assert (sign > 0).all()
+    with torch.no_grad():
+        zk = zk.detach()
+        log_q0 = torch.distributions.Normal(mu, sd).log_prob(z0.detach()).sum(-1)
+        q0 = log_q0.exp()
+        log_p = torch.distributions.Normal(0.0, 1.0).log_prob(zk).sum(-1)
+        assert abs(float(q0.sum()) * cell - 1.0) < 1e-9
+        kl_grid = float((q0 * (log_q0 - log_abs_det - log_p)).sum()) * cell
+        # the same integral with the log-det's sign flipped: the test must tell the two apart by far
+        kl_flipped = float((q0 * (log_q0 + log_abs_det - log_p)).sum()) * cell
+        mean_log_det = float((q0 * log_abs_det).sum()) * cell
+    assert abs(mean_log_det) > 1.0  # the flow really changes volume (the old tests had log-dets of 0)
+    assert abs(kl_grid - kl_flipped) > 100 * se
+    assert abs(mc - kl_grid) < 4 * se, (mc, kl_grid, se)
+
+
+def test_mc_kl_matches_grid_integral_over_zk_of_log_prob():
+    """Eq. 7 against ∫ q_K log(q_K / p) dz_K on a fine grid of z_K, q_K from the numerical inverse (log_prob)."""
+    pf, xi = _flow_2d()
+    n_draws = 200_000
+    mc, se, s = _mc_kl_and_standard_error(pf, xi, n_draws)
+    with torch.no_grad():
+        pts = s.zk[:, 0]
+        lo, hi = pts.min(0).values - 1.0, pts.max(0).values + 1.0
+        n_cells = 300
+        xs = torch.linspace(float(lo[0]), float(hi[0]), n_cells + 1, dtype=F64)
+        ys = torch.linspace(float(lo[1]), float(hi[1]), n_cells + 1, dtype=F64)
+        grid = torch.stack(torch.meshgrid(0.5 * (xs[1:] + xs[:-1]), 0.5 * (ys[1:] + ys[:-1]), indexing="ij"),
+                           -1).reshape(-1, 2)
+        cell = float((xs[1] - xs[0]) * (ys[1] - ys[0]))
+        log_q = pf.log_prob(grid, xi)
+        q = log_q.exp()
+        log_p = torch.distributions.Normal(0.0, 1.0).log_prob(grid).sum(-1)
+        mass = float(q.sum()) * cell
+        kl_grid = float((q * (log_q - log_p)).sum()) * cell
+    assert abs(mass - 1.0) < 1e-4  # a density (a wrong log-det sign would not integrate to 1)
+    assert abs(mc - kl_grid) < 4 * se + 1e-4, (mc, kl_grid, se)
+
+
 def test_flow_kl_reductions():
     pf = PromptFlow(4, n_flows=2)
     s = pf(torch.randn(5, 4), 3)
@@ -415,8 +489,7 @@ def test_init_options():
         am(torch.randn(2, 8))  # amortised needs a context
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 def test_cuda_matches_cpu_with_a_cpu_generator():
     torch.manual_seed(0)
     for amortized in (False, True):
@@ -433,3 +506,35 @@ def test_cuda_matches_cpu_with_a_cpu_generator():
         torch.testing.assert_close(pf_gpu.flow.inverse(s_gpu.zk, ctx), s_gpu.z0, atol=1e-8, rtol=0)
         torch.testing.assert_close(pf_gpu.log_prob(s_gpu.zk[:, :1], xi[:1].cuda()), PromptFlow.log_qK(s_gpu)[:, :1])
         pf.to("cpu")
+
+
+# ------------------------------------------------------------------------ the gpu marker (tests/conftest.py)
+@pytest.mark.parametrize("cuda", [False, True])
+def test_gpu_marked_tests_run_with_cuda_and_are_skipped_without(pytester, monkeypatch, cuda):
+    """A small session with the project's own conftest and pytest options: with CUDA (faked here) a
+    ``@pytest.mark.gpu`` test runs by default; without it the test is skipped with the reason; ``slow`` stays
+    deselected either way."""
+    tests_dir = Path(__file__).resolve().parent
+    pytester.makeconftest((tests_dir / "conftest.py").read_text())
+    pytester.makepyprojecttoml((tests_dir.parent / "pyproject.toml").read_text())
+    pytester.makepyfile(test_markers="""
+        import pytest
+
+        @pytest.mark.gpu
+        def test_on_the_gpu():
+            pass
+
+        def test_anywhere():
+            pass
+
+        @pytest.mark.slow
+        def test_slow():
+            pass
+    """)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    result = pytester.runpytest_inprocess("-rs", "-p", "no:cacheprovider")
+    if cuda:
+        result.assert_outcomes(passed=2, deselected=1)
+    else:
+        result.assert_outcomes(passed=1, skipped=1, deselected=1)
+        result.stdout.fnmatch_lines(["*SKIPPED*test_markers.py*needs a CUDA device*is_available() is False*"])

@@ -177,6 +177,36 @@ def test_anomaly_map_is_the_mean_of_all_pair_maps_and_streaming_matches(tiny_bac
     torch.testing.assert_close(full.image_score, full.text_score + full.anomaly_map.flatten(1).max(1).values)
 
 
+def test_text_score_equals_the_papers_formula(tiny_backbone):
+    """§3.5: s_text = 1/(BR) Σ_b Σ_r softmax(x̃ Z̃ᵀ_{b,r})[abnormal], x = x_cls + x_patch,
+    x_patch = Linear(GAP(concat_l F^I_l)); Z_{b,r} = the normal/abnormal text embeddings of prompt b, draw r
+    (the fused prompts of Eq. 8-9 through the text encoder); logits scaled by CLIP's τ = 1/0.07."""
+    model = make_model(tiny_backbone, n_prompts=2, flow_length=2).eval()
+    images = torch.randn(2, 3, 224, 224)
+    R, B = 3, 2
+    with torch.no_grad():
+        out = model(images, NAMES, n_samples=R, generator=torch.Generator().manual_seed(0))
+        feats = tiny_backbone.encode_image(images)
+        patches = [F.normalize(tok @ proj.weight.T, dim=-1)
+                   for proj, tok in zip(model.patch_projections, feats.patch_tokens)]
+        gap = torch.cat([p.mean(1) for p in patches], dim=-1)  # concat over layers, then average over positions
+        x = feats.cls + gap @ model.patch_to_global.weight.T + model.patch_to_global.bias
+        assert out.text_embeddings.shape == (2, 2, R, B, tiny_backbone.embed_dim)
+        for n in range(2):
+            probs = []
+            for b in range(B):
+                for r in range(R):
+                    z = out.text_embeddings[n, :, r, b]  # [2, C]: normal, abnormal
+                    cos = torch.stack([F.cosine_similarity(x[n], z[0], dim=0), F.cosine_similarity(x[n], z[1], dim=0)])
+                    torch.testing.assert_close(out.image_logits[n, :, r, b], cos / 0.07, atol=1e-4, rtol=0)
+                    e = torch.exp(cos / 0.07 - (cos / 0.07).max())
+                    probs.append(e[1] / e.sum())
+            s_text = sum(probs) / (B * R)
+            torch.testing.assert_close(out.text_score[n], s_text, atol=1e-6, rtol=0)
+    # the scores are not trivially equal across images (a broken average would hide there)
+    assert (out.text_score[0] - out.text_score[1]).abs() > 1e-6
+
+
 def test_pair_map_equals_softmax_of_upsampled_logits(tiny_backbone):
     """Independent computation of Eq. 10-11 for layer 0, pair 0."""
     model = make_model(tiny_backbone, flow_length=2).eval()

@@ -202,6 +202,67 @@ def test_switch_iad_share_flow(bb):
     n_rel = sum(p.numel() for p in rel.parameters() if p.requires_grad)
     K, C = paper.config.flow_length, bb.text_width
     assert n_rel - n_paper == 2 * K * C + K
+    # one thing only: the sharing. The IAD flows keep the paper's init (iad_flow_init is its own switch)
+    for flow in (rel.normal_flow.flow, rel.abnormal_flow.flow, paper.normal_flow.flow):
+        assert flow.init == "normal" and torch.equal(flow.b, torch.zeros_like(flow.b))
+        assert float(flow.u.detach().std()) == pytest.approx(C ** -0.5, rel=0.25)
+
+
+def test_switch_iad_flow_init(bb):
+    C = bb.text_width
+    paper, rel = make(bb), make(bb, **released("iad_flow_init"))
+    assert rel.normal_flow.flow is rel.abnormal_flow.flow  # sharing untouched (iad_share_flow is its own switch)
+    for model, std, zero_b in ((paper, C ** -0.5, True), (rel, 1.0, False)):
+        flow = model.normal_flow.flow
+        with torch.no_grad():
+            assert float(flow.u.std()) == pytest.approx(std, rel=0.25)
+            assert float(flow.w.std()) == pytest.approx(std, rel=0.25)
+            assert torch.equal(flow.b, torch.zeros_like(flow.b)) is zero_b
+        assert model.context_flow.flow.init == "normal"  # the ISD flow is not an IAD flow
+
+
+def test_switch_iad_one_sample_per_batch(bb, feats):
+    masks, labels = masks_labels()
+    for model, once in ((make(bb), False), (make(bb, **released("iad_one_sample_per_batch")), True)):
+        model.train()
+        x = model.global_embedding(feats, model.project_patches(feats))
+        phis, kls = model.sample_prompts(feats, x, 1, torch.Generator().manual_seed(0))
+        assert phis["normal"].shape == phis["context"].shape == (1, 3, bb.text_width)
+        for state in ("normal", "abnormal"):
+            same = all(torch.equal(phis[state][:, 0], phis[state][:, n]) for n in (1, 2))
+            assert same is once  # released: one draw for the whole training batch
+        assert not torch.equal(phis["context"][:, 0], phis["context"][:, 1])  # ISD stays per image
+        if once:  # the KL is that of the single draw of the free vector
+            g = torch.Generator().manual_seed(0)
+            torch.randn((1, 3, bb.text_width), generator=g)  # the context draw comes first
+            from bpfl.flow import flow_kl
+            ref = flow_kl(model.normal_flow(model.normal_xi, 1, generator=g))
+            torch.testing.assert_close(kls["normal"], ref)
+            model.loss(train_out(model, feats), masks, labels)["total"].backward()
+            assert model.normal_xi.grad.abs().sum() > 0
+            model.eval()  # at test time: per image (iad_sample_once is the test-time switch)
+            phis, _ = model.sample_prompts(feats, x, 1, torch.Generator().manual_seed(0))
+            assert not torch.equal(phis["normal"][:, 0], phis["normal"][:, 1])
+
+
+def test_switch_iad_log_det_weight(bb, feats):
+    from bpfl.flow import gaussian_log_prob, standard_normal_log_prob
+    torch.manual_seed(0)
+    model = BayesPFL(cfg(context_distribution="none", constrained_flow=False), backbone=bb).train()
+    with torch.no_grad():  # a flow with large steps, so the log-det term is far from 0
+        model.normal_flow.flow.u.mul_(20.0)
+    x = model.global_embedding(feats, model.project_patches(feats))
+    N = x.shape[0]
+    kls = {}
+    for w in ("1", RELEASED["iad_log_det_weight"]):
+        model.config = model.config.replace(iad_log_det_weight=w)
+        kls[w] = model.sample_prompts(feats, x, 2, torch.Generator().manual_seed(4))[1]["normal"]
+    s = model.normal_flow(model.normal_xi.expand(N, -1), 2, generator=torch.Generator().manual_seed(4))
+    log_q0 = gaussian_log_prob(s.z0, s.mu, s.log_var)
+    log_p = standard_normal_log_prob(s.zk)
+    assert float(s.log_det.detach().abs().mean()) > 1.0
+    torch.testing.assert_close(kls["1"], (log_q0 - s.log_det - log_p).mean())  # Eq. 7
+    torch.testing.assert_close(kls["1/N"], (log_q0 - s.log_det / N - log_p).mean())  # released
 
 
 def test_switch_iad_sample_once(bb, feats):
@@ -266,12 +327,34 @@ def test_switch_rca_normalize_output(bb):
 
 
 # ------------------------------------------------------------------------------------------ maps and scores
+def test_switch_temperature(bb, feats):
+    paper, rel = make(bb).eval(), make(bb, **released("temperature")).eval()
+    assert paper.config.temperature == 1.0  # Eq. 11 and s_text as the paper writes them: no scale
+    rel.load_state_dict(paper.state_dict())  # the same weights: only the scale differs
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a, b = paper(None, NAMES, features=feats, generator=gen()), rel(None, NAMES, features=feats, generator=gen())
+    torch.testing.assert_close(a.text_embeddings, b.text_embeddings)
+    tau = RELEASED["temperature"]
+    x = F.normalize(paper.global_embedding(feats, paper.project_patches(feats)), dim=-1)
+    cos = torch.einsum("nc,nsrbc->nsrb", x, a.text_embeddings)
+    torch.testing.assert_close(a.image_logits, cos, rtol=1e-5, atol=1e-6)  # independent: plain cosines
+    torch.testing.assert_close(b.image_logits, tau * cos, rtol=1e-5, atol=1e-5)
+    patches = paper.project_patches(feats)
+    torch.testing.assert_close(rel.pair_logit_differences(patches, a.text_embeddings),
+                               tau * paper.pair_logit_differences(patches, a.text_embeddings), rtol=1e-4, atol=1e-5)
+    # unit vectors and no scale: the two-way softmax of Eq. 11 stays within sigmoid(+-2)
+    lim = 1 / (1 + math.exp(2))
+    amap = a.anomaly_map.detach()
+    assert float(amap.min()) >= lim - 1e-6 and float(amap.max()) <= 1 - lim + 1e-6
+
+
 def test_switch_learnable_temperature(bb, feats):
     paper, rel = make(bb), make(bb, **released("learnable_temperature"))
     trainable = {id(p) for p in paper.trainable_parameters()}
     assert id(paper.log_temperature_pixel) not in trainable and "log_temperature_pixel" not in paper.state_dict()
     assert isinstance(rel.log_temperature_pixel, torch.nn.Parameter)
-    assert float(rel.log_temperature_image.detach()) == pytest.approx(math.log(1 / 0.07))
+    assert float(rel.log_temperature_image.detach()) == pytest.approx(math.log(rel.config.temperature))
+    assert BayesPFLConfig.released_code().temperature == pytest.approx(1 / 0.07)  # the released init, log(1/0.07)
     masks, labels = masks_labels()
     rel.loss(train_out(rel, feats), masks, labels)["total"].backward()
     assert rel.log_temperature_pixel.grad is not None and rel.log_temperature_pixel.grad != 0
@@ -423,6 +506,40 @@ def test_switch_selection(bb, dataset, tmp_path, capsys):
         main(args + ["--preset", "released"])
     assert main(args + ["--preset", "paper", "--set", "batch_size=6", "epochs=1"]) == 0
     assert (tmp_path / "last.pt").is_file() and not (tmp_path / "best.pt").exists()
+
+
+def test_switch_validation_samples(bb, dataset, tmp_path, monkeypatch):
+    seen = []
+    real = E.evaluate
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: seen.append(k["n_samples"]) or real(*a, **k))
+    for kw, want in (({}, 2), (released("validation_samples"), 5)):  # paper: the test R (2 here); released: 5
+        seen.clear()
+        score = E.selection_score(make(bb, **kw), dataset)
+        assert seen == [want] and 0 <= score <= 1
+    # the command line's selection runs through it too
+    from bpfl.cli import main
+    seen.clear()
+    assert main(["train", "--data", str(dataset.root), "--out", str(tmp_path), "--backbone", "bpfl-tiny",
+                 "--pretrained", "random", "--image-size", str(SIZE), "--max-steps", "1", "--quiet", "--device", "cpu",
+                 "--selection", "aux-val", "--val-fraction", "0.34",
+                 "--set", "batch_size=6", "epochs=1", "test_samples=2", "validation_samples=3"]) == 0
+    assert seen == [3] and (tmp_path / "best.pt").is_file()
+
+
+def test_switch_undefined_metrics(bb, tmp_path):
+    root = tmp_path / "good_only"
+    make_synthetic_dataset(root, seed=0, preset="tiny", categories=["brick", "grass"])
+    ds = open_dataset(root, split="train", image_size=SIZE)  # normal images only: image metrics undefined
+    for kw, released_rule in (({}, False), (released("undefined_metrics"), True)):
+        with pytest.warns(UserWarning, match="no image is anomalous"):
+            res = E.evaluate(make(bb, **kw), ds, n_samples=1, batch_size=6, progress=False, aupro_variant=None)
+        vals = [res.per_category[c][m] for c in ("brick", "grass") for m in ("image_auroc", "image_ap")]
+        if released_rule:  # 0, and it enters the mean over categories
+            assert vals == [0.0] * 4
+            assert res.table.loc["n_averaged", "image_auroc"] == 2 and res.table.loc["mean", "image_auroc"] == 0.0
+        else:  # NaN, left out of the mean
+            assert all(math.isnan(v) for v in vals)
+            assert res.table.loc["n_averaged", "image_auroc"] == 0 and math.isnan(res.table.loc["mean", "image_auroc"])
 
 
 def test_switch_group_lrs(bb):

@@ -140,7 +140,7 @@ def test_evaluate_writes_tables_and_matches_sklearn(synthetic, backbone112, tmp_
     for cat, rows in scores.groupby("category"):
         assert res.per_category[cat]["image_auroc"] == pytest.approx(roc_auc_score(rows["label"], rows["image_score"]))
     md = (tmp_path / "metrics.md").read_text()
-    assert "Random-weight backbone" in md and "bpfl-tiny" in md and "R" in res.provenance
+    assert "RANDOM weights" in md and "bpfl-tiny" in md and "R" in res.provenance
     mean = np.mean([res.per_category[c]["pixel_auroc"] for c in res.per_category])
     assert res.mean("pixel_auroc") == pytest.approx(mean)
 

@@ -22,7 +22,8 @@ from .readers import (BTAD_CLASS_NAMES, GOOD_DIR_NAMES, LAYOUTS, MASK_SUFFIXES, 
                       read_records, read_segmentation_only, read_visa, write_meta_json)
 from .records import DatasetError, DatasetWarning, Record, RecordList
 from .synthetic import (AUTHORS_CLASS_REMAP, DEFECTS, SYNTHETIC_CATEGORIES, SYNTHETIC_GROUPS,
-                        SYNTHETIC_PRESETS, SYNTHETIC_TINY, class_word, make_synthetic_dataset)
+                        SYNTHETIC_PRESETS, SYNTHETIC_TINY, class_word, ensure_synthetic, is_synthetic_root,
+                        make_synthetic_dataset, synthetic_up_to_date)
 from .textures import TEXTURES
 
 __all__ = [
@@ -30,9 +31,10 @@ __all__ = [
     "AnomalyDataset", "CLIP_MEAN", "CLIP_STD", "DEFECTS", "DatasetError", "DatasetReport",
     "DatasetWarning", "IMAGE_EXTENSIONS", "LAYOUTS", "Record", "RecordList", "SYNTHETIC_CATEGORIES",
     "SYNTHETIC_GROUPS", "SYNTHETIC_PRESETS", "SYNTHETIC_TINY", "TEXTURES", "check_dataset",
-    "class_word", "collate", "denormalize", "detect_layout", "find_meta_json", "guess_class_word",
+    "class_word", "collate", "ensure_synthetic", "is_synthetic_root", "denormalize", "detect_layout", "find_meta_json", "guess_class_word",
     "load_image", "load_mask", "load_record", "make_synthetic_dataset", "mask_to_binary",
     "open_dataset", "perlin", "perlin_mask", "pil_to_rgb", "read_folder", "read_meta_json",
-    "read_mvtec", "read_records", "read_rgb", "read_segmentation_only", "read_visa", "verify_record",
+    "read_mvtec", "read_records", "read_rgb", "read_segmentation_only", "read_visa", "synthetic_up_to_date",
+    "verify_record",
     "write_meta_json",
 ]

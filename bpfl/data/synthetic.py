@@ -200,3 +200,34 @@ def make_synthetic_dataset(root: str | Path, seed: int = 0, categories: Iterable
     (root / MARKER).write_text(json.dumps({"seed": int(seed), "categories": cats, **p,
                                            "groups": SYNTHETIC_GROUPS}, indent=1) + "\n")
     return RecordList(records, root=str(root), layout="mvtec")
+
+
+def synthetic_up_to_date(root: str | Path, preset: str = "default", seed: int = 0) -> bool:
+    """Does ``root`` hold the synthetic dataset of ``preset`` and ``seed`` (by its marker file)?"""
+    if preset not in SYNTHETIC_PRESETS:
+        raise DatasetError(f"unknown synthetic preset {preset!r}: choose one of {sorted(SYNTHETIC_PRESETS)}")
+    marker = Path(root) / MARKER
+    try:
+        have = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    want = {**SYNTHETIC_PRESETS[preset], "seed": int(seed)}
+    return all(have.get(k) == v for k, v in want.items())
+
+
+def ensure_synthetic(root: str | Path, preset: str = "default", seed: int = 0, quiet: bool = False) -> Path:
+    """The synthetic dataset of ``preset``/``seed`` at ``root``: generated when missing or different, else reused."""
+    root = Path(root)
+    if not synthetic_up_to_date(root, preset, seed):
+        if not quiet:
+            print(f"[bpfl] generating the synthetic dataset ({preset}, seed {seed}) in {root} ...", flush=True)
+        make_synthetic_dataset(root, seed=seed, preset=preset)
+    return root
+
+
+def is_synthetic_root(root: str | Path | None) -> bool:
+    """Is ``root`` (or a folder above it, for a category folder) the kit's synthetic dataset?"""
+    if not root:
+        return False
+    p = Path(root).absolute()
+    return any((q / MARKER).is_file() for q in (p, *p.parents[:2]))

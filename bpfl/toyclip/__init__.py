@@ -7,15 +7,16 @@ holding out the families of the synthetic dataset's ``unseen`` categories. A tea
 substitute for OpenAI's CLIP. See ``docs/toy_clip.md``.
 
     from bpfl.toyclip import ensure_toy_clip, toy_bayespfl_overrides
-    path = ensure_toy_clip(build=True)                          # 15-35 min on 2 CPU cores, once
-    cfg = BayesPFLConfig.teaching(**toy_bayespfl_overrides(path))
+    cfg = BayesPFLConfig.teaching(**toy_bayespfl_overrides("bpfl-bundled"))  # the toy CLIP shipped in the package
+    path = ensure_toy_clip(build=True)         # or build one yourself: 15-35 min on 2 CPU cores
 """
 from .generator import (COLOURS, DEFAULT_HELD_OUT, DEFECT_KINDS, FAMILIES, HELD_OUT_WORDS, Caption, ToySample,
                         allowed_families, caption_consistent, consistency_matrix, held_out_words, make_caption,
                         toy_sample, toy_stream)
 from .generator import ToyCaptionStream, samples_to_batch
 from .pretrain import (DEFAULT_BATCH, DEFAULT_DENSE_WEIGHT, DEFAULT_STEPS, TOY_ARCH, TOY_BAYESPFL_LR,
-                       TOY_IMAGE_SIZE, TOY_PRETRAIN_SIZE, PretrainResult, PretrainSettings, add_arguments, cache_dir,
+                       TOY_IMAGE_SIZE, TOY_PRETRAIN_SIZE, PretrainResult, PretrainSettings, add_arguments, bundle_toy_clip,
+                       cache_dir,
                        default_toy_clip_path, ensure_toy_clip, load_toy_backbone, main, peak_rss_mb,
                        pretrain_toy_clip, recipe_differences, run, toy_bayespfl_overrides, toy_layers)
 from .zeroshot import zero_shot_maps
@@ -24,6 +25,7 @@ __all__ = [
     "COLOURS", "DEFAULT_BATCH", "DEFAULT_DENSE_WEIGHT", "DEFAULT_HELD_OUT", "DEFAULT_STEPS", "DEFECT_KINDS",
     "FAMILIES", "HELD_OUT_WORDS", "TOY_ARCH", "TOY_BAYESPFL_LR", "TOY_IMAGE_SIZE", "TOY_PRETRAIN_SIZE", "Caption",
     "PretrainResult", "PretrainSettings", "ToyCaptionStream", "ToySample", "add_arguments", "allowed_families",
+    "bundle_toy_clip",
     "cache_dir", "caption_consistent", "consistency_matrix", "default_toy_clip_path", "ensure_toy_clip",
     "held_out_words", "load_toy_backbone", "main", "make_caption", "peak_rss_mb", "pretrain_toy_clip",
     "recipe_differences", "run", "samples_to_batch", "toy_bayespfl_overrides", "toy_layers", "toy_sample",

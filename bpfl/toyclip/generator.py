@@ -22,7 +22,6 @@ appears in any caption.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache

@@ -38,17 +38,31 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.model import resize_pos_embed
+from tqdm.auto import tqdm
 
-from .generator import (COLOURS, DEFAULT_HELD_OUT, FAMILIES, allowed_families, held_out_words,
-                        pseudo_word, samples_to_batch, toy_sample)
+from ..backbone import default_layers, load_backbone
+from ..bundled_weights import BUNDLED_FILE, BUNDLED_TAG, initial_token_table, write_bundle
+from ..data.images import CLIP_MEAN, CLIP_STD
+from .generator import (
+    DEFAULT_HELD_OUT,
+    FAMILIES,
+    allowed_families,
+    held_out_words,
+    pseudo_word,
+    samples_to_batch,
+    toy_sample,
+)
 
 #: The toy architecture (``bpfl/model_configs/bpfl-toy.json``): ViT 6 x 128, patch 8; text 4 x 64; joint dim 64.
 TOY_ARCH = "bpfl-toy"
@@ -68,13 +82,6 @@ DENSE_TAU = 1.0 / 0.07
 UNKNOWN_STD = 0.02
 
 
-def _register_configs() -> None:
-    import open_clip
-    from .. import backbone as _bb  # registers bpfl/model_configs on import
-    if TOY_ARCH not in open_clip.list_models():
-        open_clip.add_model_config(_bb._CONFIG_DIR)
-
-
 def cache_dir() -> Path:
     """``$BPFL_CACHE`` (default ``~/.cache/bpfl``)."""
     return Path(os.environ.get("BPFL_CACHE") or "~/.cache/bpfl").expanduser()
@@ -87,8 +94,6 @@ def default_toy_clip_path(arch: str = TOY_ARCH, seed: int = 0) -> Path:
 
 def toy_layers(arch: str = TOY_ARCH) -> tuple[int, ...]:
     """The 4 vision blocks Bayes-PFL reads (and the dense loss supervises): ``default_layers(arch)``."""
-    _register_configs()
-    from ..backbone import default_layers
     return default_layers(arch)
 
 
@@ -102,9 +107,10 @@ TOY_BAYESPFL_LR = 1e-2
 
 def toy_bayespfl_overrides(path: str | Path | None = None, arch: str = TOY_ARCH,
                            image_size: int = TOY_IMAGE_SIZE) -> dict:
-    """Overrides for ``BayesPFLConfig.teaching(**overrides)`` that run Bayes-PFL on the toy CLIP: the backbone,
-    its size and layers, and :data:`TOY_BAYESPFL_LR`."""
-    return dict(backbone=arch, pretrained=str(path or default_toy_clip_path(arch)), image_size=image_size,
+    """Overrides for ``BayesPFLConfig.teaching(**overrides)`` that run Bayes-PFL on the toy CLIP (``path``: a
+    checkpoint file; default the bundled weights, ``"bpfl-bundled"``): the backbone, its size and layers, and
+    :data:`TOY_BAYESPFL_LR`."""
+    return dict(backbone=arch, pretrained=str(path) if path else BUNDLED_TAG, image_size=image_size,
                 layers=toy_layers(arch), lr=TOY_BAYESPFL_LR)
 
 
@@ -141,6 +147,10 @@ class PretrainSettings:
     dense_layers: tuple[int, ...] | None = None  # None: toy_layers(arch)
     p_defect: float = 0.5
     p_pseudo_word: float = 0.1
+    #: how the token-embedding table starts: "numpy" (N(0, 0.02^2) from :func:`initial_token_table`, the same on
+    #: every machine, so the rows pretraining never touches need not be stored: :mod:`bpfl.toyclip.bundle`) or
+    #: "torch" (open_clip's own initialisation, the recipe before the bundled toy CLIP)
+    token_init: str = "numpy"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -317,7 +327,6 @@ def grow_image_size(clip: nn.Module, size: int, optimizer: torch.optim.Optimizer
     """Lay ``clip``'s vision tower out for ``size`` px in place: the positional embedding is resized
     (open_clip's ``resize_pos_embed``: bicubic, CLS kept) and so are its AdamW moments (second moment clamped
     at 0), so training continues at the new size with the optimizer's history."""
-    from open_clip.model import resize_pos_embed
     visual = clip.visual
     patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
     pos = visual.positional_embedding
@@ -414,11 +423,15 @@ def local_dir_path(out_path: str | Path) -> Path:
 
 def build_toy_model(settings: PretrainSettings):
     """(clip, probes, tokenizer) initialised from ``settings.seed``."""
-    import open_clip
-    _register_configs()
     torch.manual_seed(settings.seed)
     clip = open_clip.create_model(settings.arch, pretrained=None, force_image_size=settings.image_size)
     clip = clip.float().train()
+    if settings.token_init == "numpy":
+        emb = clip.token_embedding.weight
+        with torch.no_grad():
+            emb.copy_(initial_token_table(settings.seed, emb.shape[0], emb.shape[1]))
+    elif settings.token_init != "torch":
+        raise ValueError(f"token_init={settings.token_init!r}: choose 'numpy' or 'torch'")
     n_blocks = len(clip.visual.transformer.resblocks)
     layers = tuple(settings.dense_layers) if settings.dense_layers else toy_layers(settings.arch)
     probes = DenseProbes(layers, n_blocks, clip.visual.conv1.out_channels, clip.text_projection.shape[1])
@@ -437,17 +450,16 @@ class PretrainResult:
     settings: dict = field(default_factory=dict)
 
 
-def _write_final(clip: nn.Module, out_path: Path, settings: PretrainSettings, meta: dict, local_dir: bool) -> Path | None:
+def _write_final(clip: nn.Module, out_path: Path, settings: PretrainSettings, meta: dict,
+                 local_dir: bool) -> Path | None:
     sd = {k: v.detach().cpu().clone() for k, v in clip.state_dict().items()}
     _atomic_save(sd, out_path)
     folder = None
     if local_dir:
-        import open_clip
         folder = local_dir_path(out_path)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = open_clip.get_model_config(settings.arch)
         cfg["vision_cfg"]["image_size"] = output_image_size(settings)  # the size the weights were trained at last
-        from ..data.images import CLIP_MEAN, CLIP_STD
         (folder / "open_clip_config.json").write_text(json.dumps(
             {"model_cfg": cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}, indent=2))
         _atomic_save(sd, folder / "open_clip_pytorch_model.bin")
@@ -479,8 +491,6 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
     size (the positional embedding is resized once, :func:`grow_image_size`). Returns a :class:`PretrainResult`
     (time, peak RSS, loss history); ``path`` is None while unfinished.
     """
-    from tqdm.auto import tqdm
-
     settings = PretrainSettings(arch=arch, seed=int(seed), steps=int(steps), batch_size=int(batch_size),
                                 image_size=int(image_size),
                                 final_image_size=int(final_image_size) if final_image_size else None,
@@ -492,21 +502,60 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
                                 p_defect=p_defect, p_pseudo_word=p_pseudo_word)
     allowed_families(settings.held_out_families)  # validates the names
     out_path = Path(out_path) if out_path is not None else default_toy_clip_path(arch, seed)
-    state_path = train_state_path(out_path)
+    if resume:
+        done = _already_pretrained(out_path, settings, progress)
+        if done is not None:
+            return done
+    run = _PretrainRun(settings, out_path, progress, log_every)
+    run.restore(resume)
+    end = settings.steps if stop_at is None else min(settings.steps, int(stop_at))
+    run.train_until(end, checkpoint_every, threads, workers)
+    if run.step < settings.steps:  # stopped early on purpose: keep the state for resuming
+        run.save_state()
+        return PretrainResult(None, None, run.step, run.seconds(), peak_rss_mb(), run.history, False,
+                              settings.to_dict())
+    return run.write_final(local_dir, workers)
+
+
+def _already_pretrained(out_path: Path, settings: PretrainSettings, progress: bool) -> PretrainResult | None:
+    """The finished checkpoint at ``out_path`` if it was built with ``settings`` (and no run is half done)."""
     meta_path = out_path.with_suffix(".json")
-    if resume and out_path.is_file() and meta_path.is_file() and not state_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("settings") == settings.to_dict():
-            if progress:
-                print(f"[bpfl] toy CLIP already pretrained: {out_path}")
-            return PretrainResult(out_path, local_dir_path(out_path) if local_dir_path(out_path).is_dir() else None,
-                                  settings.steps, float(meta.get("seconds", 0.0)),
-                                  float(meta.get("peak_rss_mb", 0.0)), meta.get("history", []), True, meta["settings"])
-    clip, probes, tokenizer = build_toy_model(settings)
-    optimizer = make_optimizer(clip, probes, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
-    step, history, elapsed = 0, [], 0.0
-    if resume and state_path.is_file():
+    if not (out_path.is_file() and meta_path.is_file() and not train_state_path(out_path).exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("settings") != settings.to_dict():
+        return None
+    if progress:
+        print(f"[bpfl] toy CLIP already pretrained: {out_path}")
+    return PretrainResult(out_path, local_dir_path(out_path) if local_dir_path(out_path).is_dir() else None,
+                          settings.steps, float(meta.get("seconds", 0.0)), float(meta.get("peak_rss_mb", 0.0)),
+                          meta.get("history", []), True, meta["settings"])
+
+
+class _PretrainRun:
+    """One pretraining run in named steps: :meth:`restore`, :meth:`train_until` (:meth:`step_once` per batch,
+    :meth:`save_state` every few steps), :meth:`write_final`."""
+
+    def __init__(self, settings: PretrainSettings, out_path: Path, progress: bool, log_every: int):
+        self.settings, self.out_path, self.progress, self.log_every = settings, out_path, progress, log_every
+        self.state_path = train_state_path(out_path)
+        self.clip, self.probes, self.tokenizer = build_toy_model(settings)
+        self.optimizer = make_optimizer(self.clip, self.probes, settings)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, settings))
+        self.step, self.history, self.elapsed = 0, [], 0.0
+        self.t0 = time.perf_counter()
+        self.threads_used = torch.get_num_threads()
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t0
+
+    def restore(self, resume: bool) -> None:
+        """Continue from ``<out>.train.pt`` (``resume``; same settings required), or delete a stale one."""
+        settings, state_path = self.settings, self.state_path
+        if not (resume and state_path.is_file()):
+            if state_path.exists():
+                state_path.unlink()
+            return
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         if st.get("format") != FORMAT:
             raise ValueError(f"{state_path} is not a toy-CLIP training state")
@@ -516,91 +565,100 @@ def pretrain_toy_clip(out_path: str | Path | None = None, seed: int = 0, steps: 
             raise ValueError(f"resume: {state_path} was written with other settings {diff} (saved, now); "
                              "use the same settings, resume=False to start over, or another out_path")
         if int(st["step"]) >= final_phase_start(settings):  # saved in the final phase: lay it out for that size
-            grow_image_size(clip, int(settings.final_image_size), optimizer)
-        clip.load_state_dict(st["model"])
-        probes.load_state_dict(st["probes"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
+            grow_image_size(self.clip, int(settings.final_image_size), self.optimizer)
+        self.clip.load_state_dict(st["model"])
+        self.probes.load_state_dict(st["probes"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["torch_rng"])
-        step, history, elapsed = int(st["step"]), list(st["history"]), float(st["elapsed"])
-        if progress:
-            print(f"[bpfl] resuming toy-CLIP pretraining from step {step}/{settings.steps} ({state_path})")
-    elif state_path.exists():
-        state_path.unlink()
+        self.step, self.history, self.elapsed = int(st["step"]), list(st["history"]), float(st["elapsed"])
+        if self.progress:
+            print(f"[bpfl] resuming toy-CLIP pretraining from step {self.step}/{settings.steps} ({state_path})")
 
-    def save_state() -> None:
-        _atomic_save({"format": FORMAT, "settings": settings.to_dict(), "step": step, "model": clip.state_dict(),
-                      "probes": probes.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "history": history, "elapsed": elapsed + (time.perf_counter() - t0)}, state_path)
+    def save_state(self) -> None:
+        _atomic_save({"format": FORMAT, "settings": self.settings.to_dict(), "step": self.step,
+                      "model": self.clip.state_dict(), "probes": self.probes.state_dict(),
+                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                      "torch_rng": torch.get_rng_state(), "history": self.history, "elapsed": self.seconds()},
+                     self.state_path)
 
-    end = settings.steps if stop_at is None else min(settings.steps, int(stop_at))
-    t0 = time.perf_counter()
-    clip.train()
-    bar = tqdm(total=settings.steps, initial=step, desc="toy CLIP", disable=not progress, unit="step")
-    sums: dict[str, float] = {}
-    n_sum = 0
-    threads_before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    elif workers > 0:  # one core generates the batches: leave it to the worker (timed faster on 2 cores, ad hoc)
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    threads_used = torch.get_num_threads()
-    batches = batch_iterator(settings, step, end, workers)
-    try:
-        while step < end:
-            if step == final_phase_start(settings):
-                grow_image_size(clip, int(settings.final_image_size), optimizer)
-            batch = next(batches)
-            rng = np.random.default_rng([settings.seed, 0xD3A5E, step])  # dense-prompt wording of this step
-            losses = pretrain_losses(clip, probes, tokenizer, batch, settings, rng)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(list(clip.parameters()) + list(probes.parameters()), 1.0)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n_sum += 1
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-            if step % log_every == 0 or step == end:
-                history.append({"step": step, **{k: round(v / n_sum, 5) for k, v in sums.items()},
-                                "logit_scale": round(float(clip.logit_scale.detach().exp()), 3),
-                                "seconds": round(elapsed + time.perf_counter() - t0, 1)})
-                sums, n_sum = {}, 0
-            if checkpoint_every and step % checkpoint_every == 0 and step < settings.steps:
-                save_state()
-    finally:  # also on Ctrl-C (the state of the last checkpoint_every step is on disk)
-        bar.close()
-        torch.set_num_threads(threads_before)
-        del batches  # ends the generator worker (its peak RSS then counts in RUSAGE_CHILDREN)
-    seconds = elapsed + time.perf_counter() - t0
-    if step < settings.steps:  # stopped early on purpose: keep the state for resuming
-        save_state()
-        return PretrainResult(None, None, step, seconds, peak_rss_mb(), history, False, settings.to_dict())
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    meta = {"format": "bpfl-toyclip-v1", "arch": settings.arch, "settings": settings.to_dict(),
-            "seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "peak_rss_mb_worker": round(peak_rss_mb(children=True), 1) if workers > 0 else 0.0,
-            "cpu_seconds_process": round(ru.ru_utime + ru.ru_stime, 1),
-            "cpu_seconds_children": round(_children_cpu_seconds(), 1),  # the batch-generator worker
-            "images_seen": settings.steps * settings.batch_size,
-            "families": allowed_families(settings.held_out_families),
-            "held_out_words": sorted(held_out_words(settings.held_out_families)),
-            "use_image_size": TOY_IMAGE_SIZE if settings.arch == TOY_ARCH else None,
-            "layers": list(probes.layers), "torch": torch.__version__, "threads": threads_used,
-            "batch_workers": int(workers > 0),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
-            "history": history}
-    folder = _write_final(clip.eval(), out_path, settings, meta, local_dir)
-    state_path.unlink(missing_ok=True)
-    if progress:
-        print(f"[bpfl] toy CLIP written to {out_path} ({seconds / 60:.1f} min, peak RSS {peak_rss_mb():.0f} MiB)")
-    return PretrainResult(out_path, folder, step, seconds, peak_rss_mb(), history, True, settings.to_dict())
+    def step_once(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One AdamW step on the CLIP + dense + state losses of ``batch`` (clipped gradients, clamped scale)."""
+        settings = self.settings
+        if self.step == final_phase_start(settings):
+            grow_image_size(self.clip, int(settings.final_image_size), self.optimizer)
+        rng = np.random.default_rng([settings.seed, 0xD3A5E, self.step])  # dense-prompt wording of this step
+        losses = pretrain_losses(self.clip, self.probes, self.tokenizer, batch, settings, rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(list(self.clip.parameters()) + list(self.probes.parameters()), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, math.log(100))
+        self.step += 1
+        return losses
+
+    def train_until(self, end: int, checkpoint_every: int, threads: int | None, workers: int) -> None:
+        """Steps up to ``end``, logging every ``log_every`` and saving the state every ``checkpoint_every``; the
+        torch thread count is restored afterwards, also on Ctrl-C (the last saved state stays on disk)."""
+        settings = self.settings
+        self.t0 = time.perf_counter()
+        self.clip.train()
+        bar = tqdm(total=settings.steps, initial=self.step, desc="toy CLIP", disable=not self.progress, unit="step")
+        sums: dict[str, float] = {}
+        n_sum = 0
+        threads_before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        elif workers > 0:  # one core generates the batches: leave it to the worker (timed faster on 2 cores, ad hoc)
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        self.threads_used = torch.get_num_threads()
+        batches = batch_iterator(settings, self.step, end, workers)
+        try:
+            while self.step < end:
+                losses = self.step_once(next(batches))
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                n_sum += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+                if self.step % self.log_every == 0 or self.step == end:
+                    self.history.append({"step": self.step, **{k: round(v / n_sum, 5) for k, v in sums.items()},
+                                         "logit_scale": round(float(self.clip.logit_scale.detach().exp()), 3),
+                                         "seconds": round(self.seconds(), 1)})
+                    sums, n_sum = {}, 0
+                if checkpoint_every and self.step % checkpoint_every == 0 and self.step < settings.steps:
+                    self.save_state()
+        finally:
+            bar.close()
+            torch.set_num_threads(threads_before)
+            del batches  # ends the generator worker (its peak RSS then counts in RUSAGE_CHILDREN)
+
+    def write_final(self, local_dir: bool, workers: int) -> PretrainResult:
+        """The finished weights (``out_path``, its ``.json`` record, optionally a ``local-dir:`` folder)."""
+        settings, out_path = self.settings, self.out_path
+        seconds = self.seconds()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        meta = {"format": "bpfl-toyclip-v1", "arch": settings.arch, "settings": settings.to_dict(),
+                "seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                "peak_rss_mb_worker": round(peak_rss_mb(children=True), 1) if workers > 0 else 0.0,
+                "cpu_seconds_process": round(ru.ru_utime + ru.ru_stime, 1),
+                "cpu_seconds_children": round(_children_cpu_seconds(), 1),  # the batch-generator worker
+                "images_seen": settings.steps * settings.batch_size,
+                "families": allowed_families(settings.held_out_families),
+                "held_out_words": sorted(held_out_words(settings.held_out_families)),
+                "use_image_size": TOY_IMAGE_SIZE if settings.arch == TOY_ARCH else None,
+                "layers": list(self.probes.layers), "torch": torch.__version__, "threads": self.threads_used,
+                "batch_workers": int(workers > 0),
+                "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
+                "history": self.history}
+        folder = _write_final(self.clip.eval(), out_path, settings, meta, local_dir)
+        self.state_path.unlink(missing_ok=True)
+        if self.progress:
+            print(f"[bpfl] toy CLIP written to {out_path} ({seconds / 60:.1f} min, peak RSS {peak_rss_mb():.0f} MiB)")
+        return PretrainResult(out_path, folder, self.step, seconds, peak_rss_mb(), self.history, True,
+                              settings.to_dict())
 
 
 def recipe_differences(path: str | Path) -> dict[str, tuple]:
@@ -608,9 +666,10 @@ def recipe_differences(path: str | Path) -> dict[str, tuple]:
     ``{setting: (built with, default now)}``, the seed aside; empty when it matches or has no ``.json`` record."""
     meta_path = Path(path).with_suffix(".json")
     try:
-        built = json.loads(meta_path.read_text())["settings"]
+        built = dict(json.loads(meta_path.read_text())["settings"])
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+    built.setdefault("token_init", "torch")  # written before the setting existed
     now = PretrainSettings(arch=built.get("arch", TOY_ARCH), seed=built.get("seed", 0)).to_dict()
     return {k: (built.get(k), v) for k, v in now.items() if k in built and built[k] != v}
 
@@ -625,7 +684,6 @@ def ensure_toy_clip(path: str | Path | None = None, build: bool = False, **pretr
     if p.is_file():
         diff = recipe_differences(p) if not pretrain_kwargs else {}
         if diff:
-            import warnings
             what = ", ".join(f"{k}={a} (default now {b})" for k, (a, b) in diff.items())
             warnings.warn(f"the toy CLIP at {p} was built with another recipe than the current default: {what}. "
                           f"Its numbers will differ from docs/toy_clip.md; rebuild it with "
@@ -639,19 +697,20 @@ def ensure_toy_clip(path: str | Path | None = None, build: bool = False, **pretr
 
 def load_toy_backbone(path: str | Path | None = None, image_size: int = TOY_IMAGE_SIZE, arch: str = TOY_ARCH,
                       device=None):
-    """The toy CLIP as a frozen :class:`bpfl.backbone.ClipBackbone` (at ``image_size``, the toy layers)."""
-    from ..backbone import load_backbone
-    p = Path(path) if path is not None else default_toy_clip_path(arch)
-    if not p.is_file():
-        raise FileNotFoundError(f"no toy CLIP at {p}: build it with `bpfl pretrain-toy-clip` "
-                                "(or bpfl.toyclip.pretrain_toy_clip())")
-    return load_backbone(arch, pretrained=str(p), image_size=image_size, layers=toy_layers(arch), device=device)
+    """The toy CLIP as a frozen :class:`bpfl.backbone.ClipBackbone` (at ``image_size``, the toy layers): the bundled
+    weights by default, or the checkpoint file ``path``."""
+    if path is not None and str(path) != BUNDLED_TAG and not Path(path).is_file():
+        raise FileNotFoundError(f"no toy CLIP at {path}: build it with `bpfl pretrain-toy-clip --out {path}`, "
+                                "or leave the path out to use the bundled one")
+    return load_backbone(arch, pretrained=str(path) if path else BUNDLED_TAG, image_size=image_size,
+                         layers=toy_layers(arch), device=device)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``bpfl pretrain-toy-clip``."""
-    parser.add_argument("--out", default=None, help="checkpoint file (default $BPFL_CACHE/toyclip/<arch>-seed<seed>.pt)")
+    parser.add_argument("--out", default=None,
+                        help="checkpoint file (default $BPFL_CACHE/toyclip/<arch>-seed<seed>.pt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
@@ -671,6 +730,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-resume", action="store_true", help="start over even if a training state exists")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--bundle", nargs="?", const=str(BUNDLED_FILE), default=None, metavar="FILE",
+                        help="after pretraining, pack the weights into the kit's bundled file (default "
+                             f"{BUNDLED_FILE.relative_to(BUNDLED_FILE.parents[2])}) with its manifest; then re-measure "
+                             "its transfer numbers: python benchmarks/toy_clip_transfer.py --bundled --update-manifest")
     parser.add_argument("--workers", type=int, default=1, choices=(0, 1),
                         help="1: generate the next batches in a background process (default); 0: inline")
     return parser
@@ -689,7 +752,50 @@ def run(args: argparse.Namespace) -> int:
     if res.local_dir:
         print(f"  also as local-dir:{res.local_dir}")
     print(f"  use: load_backbone('{args.arch}', pretrained='{res.path}', image_size={TOY_IMAGE_SIZE})")
+    if args.bundle:
+        manifest = bundle_toy_clip(res.path, args.bundle)
+        print(f"bundled: {args.bundle} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256'][:12]}, "
+              f"{manifest['size_options']['touched_token_rows']} token rows stored of "
+              f"{manifest['size_options']['token_rows']}; unpacked = pretrained exactly)")
+        print("  now re-measure its transfer numbers: python benchmarks/toy_clip_transfer.py --bundled "
+              "--update-manifest")
     return 0
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bundle_toy_clip(checkpoint: str | Path, out: str | Path = BUNDLED_FILE) -> dict:
+    """Pack a finished toy-CLIP checkpoint (and its ``.json`` record) into the bundled safetensors file and its
+    manifest (:func:`bpfl.bundled_weights.write_bundle`): provenance = recipe, seed, held-out families and words,
+    torch/numpy/open_clip versions, machine, build time and memory."""
+    checkpoint = Path(checkpoint)
+    meta = json.loads(checkpoint.with_suffix(".json").read_text())
+    settings = meta["settings"]
+    if settings.get("token_init", "torch") != "numpy":
+        raise ValueError(f"{checkpoint} was built with token_init={settings.get('token_init', 'torch')!r}: only a "
+                         "toy CLIP whose token table starts from initial_token_table can be bundled; rebuild it")
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    provenance = {
+        "arch": meta.get("arch", TOY_ARCH), "recipe": settings, "seed": settings["seed"],
+        "held_out_families": settings["held_out_families"], "held_out_words": meta.get("held_out_words"),
+        "families": meta.get("families"), "use_image_size": meta.get("use_image_size"), "layers": meta.get("layers"),
+        "built_with": {"torch": meta.get("torch"), "numpy": np.__version__, "open_clip": open_clip.__version__,
+                       "machine": meta.get("machine"), "cpu": _cpu_model(), "threads": meta.get("threads"),
+                       "bundled_on": time.strftime("%Y-%m-%d"),
+                       "seconds": meta.get("seconds"), "peak_rss_mb": meta.get("peak_rss_mb"),
+                       "peak_rss_mb_worker": meta.get("peak_rss_mb_worker")},
+        "rebuild": "bpfl pretrain-toy-clip --bundle",
+    }
+    return write_bundle(sd, int(settings["seed"]), out, provenance)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,13 +24,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scipy.ndimage import gaussian_filter
+
 from .. import metrics as M
+from ..backbone import load_backbone
+from ..config import BayesPFLConfig
+from ..data import SYNTHETIC_GROUPS, collate, open_dataset
+from ..evaluate import evaluate, predict_dataset, released_image_scores, released_topk
+from ..model import BayesPFL
+from ..train import train
+from ..viz import overlay, pick_examples, to_display_image
+from .pretrain import TOY_ARCH, TOY_IMAGE_SIZE, toy_bayespfl_overrides, toy_layers
 from .zeroshot import zero_shot_maps
 
 
 def classical_map(img: np.ndarray, sigma: float) -> np.ndarray:
     """img [H, W, 3] in [0, 1] -> map [H, W]: robust z-scores of local mean and std vs the image's own."""
-    from scipy.ndimage import gaussian_filter
     img = img.astype(np.float64)
     mu = gaussian_filter(img, (sigma, sigma, 0))
     sd = np.sqrt(np.clip(gaussian_filter(img * img, (sigma, sigma, 0)) - mu * mu, 0, None))
@@ -92,7 +101,6 @@ def _classical_one(ds, sigmas, top: float, test_set: str) -> tuple[list[dict], l
 def training_free_reference(backbone, test_ds, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(iv) the toy CLIP alone: patch tokens vs "flawless"/"damaged" prompts, no Bayes-PFL training.
     Returns ``(rows, scores)``."""
-    from ..data import collate
     rows, score_rows = [], []
     for test_set, ds in _test_sets(test_ds).items():
         for cat, idx in ds.by_category().items():
@@ -114,10 +122,6 @@ def train_and_evaluate(name: str, backbone, overrides: dict, train_ds, test_ds, 
     Returns rows (method=name, seed, test_set, category, pixel/image AUROC and AP, the image AUROC of each part
     of s = s_text + max(M) alone and of the released code's fusion, train seconds), per-image scores, the last
     seed's config and the trained models (one per seed)."""
-    from ..config import BayesPFLConfig
-    from ..evaluate import evaluate, released_image_scores, released_topk
-    from ..model import BayesPFL
-    from ..train import train
     rows, score_rows, models = [], [], []
     cfg = None
     for seed in seeds:
@@ -285,7 +289,6 @@ class BackboneComparison:
         """Rows: image, ground truth, then one overlay row per backbone (fixed colour scale 0-1)."""
         import matplotlib.pyplot as plt
 
-        from ..viz import overlay, to_display_image
 
         n, names = len(self.images), list(self.maps)
         fig, axes = plt.subplots(2 + len(names), n, figsize=(2.1 * n, 2.1 * (2 + len(names))), squeeze=False)
@@ -315,11 +318,6 @@ def compare_backbones(toy_path: str | Path, data_root: str | Path, out_dir: str 
     The learning rate is the benchmark's :data:`~bpfl.toyclip.pretrain.TOY_BAYESPFL_LR` unless ``overrides`` sets
     one. Use the default synthetic split (20 unseen images per category) or larger: on the ``tiny`` preset (6 per
     category) image AUROC takes only a few distinct values and swings from chance to 1.0 with the training seed."""
-    from ..backbone import load_backbone
-    from ..data import SYNTHETIC_GROUPS, collate, open_dataset
-    from ..evaluate import predict_dataset
-    from ..notebook import pick_examples
-    from .pretrain import TOY_ARCH, TOY_IMAGE_SIZE, toy_bayespfl_overrides, toy_layers
 
     size = image_size or TOY_IMAGE_SIZE
     layers = toy_layers(TOY_ARCH)

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..prompts import prompt_class_name
+
 NORMAL_PROMPT = "a photo of a flawless {} surface."
 ANOMALOUS_PROMPT = "a photo of a damaged {} surface."
 
@@ -34,7 +36,6 @@ def zero_shot_maps(backbone, images: torch.Tensor, class_names: Sequence[str] | 
     out = visual.forward_intermediates(images, indices=[n_blocks - 1], output_fmt="NLC", intermediates_only=False)
     tokens = out["image_intermediates"][-1]
     patches = F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)  # [N, HW, C]
-    from ..prompts import prompt_class_name
     names = [prompt_class_name(c) for c in class_names] if class_names is not None else [""] * len(images)
     uniq = sorted(set(names))
     texts = [" ".join(p.format(w).split()) for w in uniq for p in (NORMAL_PROMPT, ANOMALOUS_PROMPT)]
