@@ -159,3 +159,15 @@ def test_docs_quote_the_manifest(manifest):
                  f"{o['packed_fp32_bytes'] / 1e6:.1f} MB", f"only {o['touched_token_rows']} rows",
                  f"{o['fp16_max_abs_error']:.1e}", f"{b['seconds'] / 60:.1f} min", f"{b['peak_rss_mb']:.0f} MiB"):
         assert text in docs, f"docs/toy_clip.md does not quote {text!r} (from the manifest)"
+
+
+def test_readme_quotes_the_bundled_files_transfer(manifest):
+    """README's numbers for the bundled toy CLIP are those measured with it (the manifest and the result file)."""
+    from bpfl.toyclip.transfer import RANDOM_NAME, TOY_NAME, measured_table
+    root = BW.BUNDLE_DIR.parents[1]
+    readme = (root / "README.md").read_text()
+    t = measured_table(root / "benchmarks" / "results" / manifest["transfer"]["result_file"])
+    quoted = (f"pixel\nAUROC {t.loc[TOY_NAME, 'pixel AUROC']:.3f} and image AUROC {t.loc[TOY_NAME, 'image AUROC']:.3f}, "
+              f"against {t.loc[RANDOM_NAME, 'pixel AUROC']:.3f} and {t.loc[RANDOM_NAME, 'image AUROC']:.3f}")
+    assert " ".join(quoted.split()) in " ".join(readme.split())
+    assert f"{manifest['bytes'] / 1e6:.1f} MB" in readme

@@ -626,3 +626,21 @@ def test_paired_bootstrap_of_a_difference_matches_a_brute_force_resample():
     with pytest.raises(ValueError, match="no score for"):
         bootstrap_image_auroc_difference(scores[~((scores.method == "toy") & (scores.path == "a0"))],
                                          "toy", "classical")
+
+
+def test_docs_quote_the_per_kind_aurocs_of_the_committed_scores():
+    """docs/toy_clip.md's AUROC per anomaly kind comes from benchmarks/results/toy_clip_transfer_scores.csv."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from bpfl.toyclip.transfer import TOY_NAME, anomaly_kind_auroc
+
+    root = Path(__file__).resolve().parents[1]
+    table = anomaly_kind_auroc(pd.read_csv(root / "benchmarks" / "results" / "toy_clip_transfer_scores.csv"))
+    docs = " ".join((root / "docs" / "toy_clip.md").read_text().split())
+    toy = table.loc[TOY_NAME]
+    classical = table.loc[table.index.str.startswith("classical"), "distortion"]
+    assert (f"colour {toy['color']:.2f} and foreign-texture contamination {toy['contamination']:.2f}, but "
+            f"**geometric distortions only {toy['distortion']:.2f}** (the classical windows "
+            f"{classical.min():.2f}-{classical.max():.2f})") in docs

@@ -373,3 +373,23 @@ def measured_table(path: str | Path | None = None, test_set: str | None = None) 
         table["image 95% CI (test images)"] = [f"{ci.at[m, 'ci_low']:.3f}-{ci.at[m, 'ci_high']:.3f}"
                                                if m in ci.index else "" for m in table.index]
     return table
+
+
+def anomaly_kind_auroc(scores: pd.DataFrame, test_set: str | None = LARGE_TEST_SET) -> pd.DataFrame:
+    """Image AUROC of each anomaly kind (the synthetic set's colour / contamination / distortion, read from the
+    image's folder) against the normal images of its category: per run and category, then the mean over
+    categories and runs. Rows: methods; columns: kinds. From ``toy_clip_transfer_scores.csv``."""
+    from sklearn.metrics import roc_auc_score
+
+    s = scores if test_set is None else scores[scores.test_set == test_set]
+    s = s.assign(kind=s.path.str.split("/").str[-2])
+    run_cols = [c for c in ("seed", "pretrain_seed") if c in s]
+    rows = []
+    for (method, *run, category), g in s.groupby(["method", *run_cols, "category"], dropna=False):
+        good = g[g.kind == "good"].score.to_numpy()
+        for kind, k in g[g.label == 1].groupby("kind"):
+            y = np.r_[np.zeros(len(good)), np.ones(len(k))]
+            rows.append({"method": method, "run": tuple(run), "category": category, "kind": kind,
+                         "auroc": roc_auc_score(y, np.r_[good, k.score.to_numpy()])})
+    per = pd.DataFrame(rows).groupby(["method", "run", "kind"]).auroc.mean()  # mean over categories
+    return per.groupby(["method", "kind"]).mean().unstack("kind")
