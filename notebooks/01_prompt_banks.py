@@ -11,9 +11,10 @@
 # - see what the orthogonal loss $\mathcal{L}_{ort}$ (Eq. 13) does to that matrix in a few steps
 # - read the banks of the trained model, and compare them with hand-written prompts
 #
-# **Runtime**: fast mode ≈ 25 s on a shared 2-core CPU (kernel start included) when the main model is cached;
-# ≈ 1.5 min when this notebook is the first to ask for it and trains it (≈ 45-80 s, then cached for every
-# notebook). Paper mode on one GPU ≈ 1 min, plus the main training if no notebook has cached it.
+# **Runtime**: fast mode 20-25 s on a shared 2-core CPU (kernel start included) when the main model is cached,
+# ≈ 65 s when this notebook is the first to ask for it and trains it (the training measured 45-70 s, then cached
+# for every notebook). Paper mode (a GPU and the OpenAI weights, plus the main training if no notebook has
+# cached it) was not timed here.
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP** (notebook 00): its text encoder was
@@ -30,7 +31,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
-from IPython.display import Markdown, display
 from bpfl.prompts import PromptBanks, class_tokens, encode_prompts, prompt_class_name
 from bpfl import notebook as nb
 
@@ -184,7 +184,7 @@ banks_init = copy.deepcopy(banks)   # kept for the exercises
 steps = 40 if S.fast else 150
 opt = torch.optim.Adam(banks.parameters(), lr=1e-2)
 curve = []
-for step in range(steps):
+for _ in range(steps):
     t = encode_prompts(S.backbone, banks.fuse(None, None, None), tok)[0, :, 0]
     loss = orthogonal_loss(t[0][None], t[1][None])
     opt.zero_grad(); loss.backward(); opt.step()
@@ -328,14 +328,13 @@ ln = torch.nn.LayerNorm(D)
 print("LayerNorm(x + 0.5) == LayerNorm(x):", torch.allclose(ln(x + 0.5), ln(x), atol=1e-5))
 assert torch.allclose(t_rel, t0, atol=1e-3) and torch.allclose(ln(x + 0.5), ln(x), atol=1e-5)
 
-# %% [markdown] tags=["solution"]
-# Nothing changes: the embeddings are the same to float precision. The offset ±0.5 is the *same number in every
-# one of the D dimensions*, and CLIP's text transformer is "pre-LN": each block reads its input through a
+# ANSWER. Nothing changes: the embeddings are the same to float precision. The offset ±0.5 is the same number in
+# every one of the D dimensions, and CLIP's text transformer is "pre-LN": each block reads its input through a
 # LayerNorm, which subtracts the mean over the D dimensions of each token. A constant added to all dimensions of a
-# token is removed there, in every block, and the final LayerNorm removes it once more. So the released code's
-# ±0.5 initialisation is invisible to the model at initialisation, and, because gradients see only what the
-# function sees, it stays invisible during training (the flow samples φ are added on top and do not change this).
-# The banks start apart only in the std-0.02 noise, exactly as with the kit's default.
+# token is removed there, in every block, and the final LayerNorm removes it once more. So the released code's ±0.5
+# initialisation is invisible to the model at initialisation, and, because gradients see only what the function
+# sees, it stays invisible during training (the flow samples φ are added on top and do not change this). The banks
+# start apart only in the std-0.02 noise, exactly as with the kit's default.
 
 # %% [markdown] tags=["exercise"]
 # **Exercise 3.** Run the $\mathcal{L}_{ort}$ loop of §4 again from the same initialisation with
@@ -359,12 +358,11 @@ print("Eq. 13 along the paper run   :", paper_curve[[0, 4, 9, 19]].round(4))
 print("Eq. 13 along the released run:", released_curve[[0, 4, 9, 19]].round(4))
 assert np.allclose(paper_curve, released_curve, rtol=0.05, atol=1e-3)
 
-# %% [markdown] tags=["solution"]
-# No: the two runs follow almost the same path. Adam divides each gradient by a running estimate of its own
-# magnitude, so multiplying the loss by 1/B² multiplies the gradient and its magnitude estimate alike, and the
-# steps stay the same (up to Adam's ε). The weighting matters only *relative to the other terms* of Eq. 14,
-# whose gradients reach the same parameters: there, a term ÷B² loses influence. With plain SGD, the released
-# variant would indeed be B² = 9 times slower.
+# ANSWER. No: the two runs follow almost the same path. Adam divides each gradient by a running estimate of its own
+# magnitude, so multiplying the loss by 1/B² multiplies the gradient and its magnitude estimate alike, and the steps
+# stay the same (up to Adam's ε). The weighting matters only relative to the other terms of Eq. 14, whose gradients
+# reach the same parameters: there, a term ÷B² loses influence. With plain SGD, the released variant would indeed be
+# B² = 9 times slower.
 
 # %% [markdown] tags=["exercise"]
 # **Exercise 4.** Can B unit vectors in C dimensions all be mutually orthogonal? For which B must
@@ -388,9 +386,7 @@ for n_vec, dim in ((3, 3), (6, 3), (3, D)):
     print(f"B = {n_vec} in C = {dim}: minimum reached {reached:.4f}, lower bound {bound:.4f}")
 assert abs(min_within_bank(6, 3) - (36 / 3 - 6)) < 0.05 and min_within_bank(3, 3) < 1e-3
 
-# %% [markdown] tags=["solution"]
-# B vectors can be mutually orthogonal only if B ≤ C. For B > C the sum is at least B²/C − B (the Gram matrix
-# has rank ≤ C, so the sum of its squared entries is at least B²/C), reached by a "tight frame"; for B = 6 in
-# C = 3 that is 6, and the optimiser finds it. The paper has B = 3 and C = 768 (the toy CLIP: 64), so
-# $\mathcal{L}_{ort}$ can reach 0 in principle, and what keeps it above 0 in training is the competition with the
-# other terms of Eq. 14.
+# ANSWER. B vectors can be mutually orthogonal only if B ≤ C. For B > C the sum is at least B²/C − B (the Gram
+# matrix has rank ≤ C, so the sum of its squared entries is at least B²/C), reached by a "tight frame"; for B = 6 in
+# C = 3 that is 6, and the optimiser finds it. The paper has B = 3 and C = 768 (the toy CLIP: 64), so L_ort can
+# reach 0 in principle, and what keeps it above 0 in training is the competition with the other terms of Eq. 14.

@@ -189,12 +189,12 @@ def test_html_rendering_of_one_notebook(tmp_path, kernel_home, notebook_dirs, mo
     env.pop("BPFL_RESULTS_DIR")
     with tools.environment(env):
         from bpfl.cli import main
-        assert main(["notebooks", "html", "--out", str(tmp_path / "site"), "01"]) == 0
-    page = (tmp_path / "site" / "01_prompt_banks.html").read_text(encoding="utf-8")
+        assert main(["notebooks", "html", "--out", str(tmp_path / "site"), "00"]) == 0  # 00 trains nothing
+    page = (tmp_path / "site" / "00_overview_and_setup.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "Exercise 1" in page
     assert "Traceback" not in page
-    assert 'href="01_prompt_banks.html"' in (tmp_path / "site" / "index.html").read_text()
-    assert list((tmp_path / "site" / "results" / "01_prompt_banks").glob("*.png"))
+    assert 'href="00_overview_and_setup.html"' in (tmp_path / "site" / "index.html").read_text()
+    assert list((tmp_path / "site" / "results" / "00_overview_and_setup").glob("*.png"))
 
 
 def test_all_notebooks_fit_the_time_budget():
