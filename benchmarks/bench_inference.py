@@ -921,7 +921,8 @@ def write_report(rows: list, info: dict, args, checks: dict, out_dir: Path, tag:
                       "tokens, all logit maps upsampled, softmax per pair, every map copied to numpy); their maps must "
                       f"equal the kit's (≤ {tolerances(args)[1]:g})."]
         if part == "e_gemm":
-            L += ["", "Median of 5 products per round, one round before each round of encoder cases; rate = 2·n³ / time."]
+            L += ["", "Median of 5 products per round, one round before each round of encoder cases; "
+                      "rate = 2·n³ / time."]
         if part == "e_encoder":
             L += ["", "Each case runs `ClipBackbone.encode_image` (the kit's path: open_clip's "
                       "`forward_intermediates`, all blocks, x_cls + 4 layers of patch tokens) on the same images. "
@@ -983,7 +984,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-images", type=int, default=200)
     p.add_argument("--metrics-size", type=int, default=518)
     p.add_argument("--metrics-methods", nargs="+", default=["exact", "exact+aupro"])
-    p.add_argument("--gemm-size", type=int, default=None, help="e: n of the n x n x n GEMM (default 2048 CPU, 8192 CUDA)")
+    p.add_argument("--gemm-size", type=int, default=None,
+                   help="e: n of the n x n x n GEMM (default 2048 on a CPU, 8192 on CUDA)")
     p.add_argument("--encoder-threads", type=int, nargs="*", default=None,
                    help="e: also time the fp32 encoder at these torch thread counts")
     p.add_argument("--encoder-compile", nargs="*", default=None, choices=("fp32", "bf16"),

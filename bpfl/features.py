@@ -146,14 +146,17 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ storage
     def _put(self, key: Hashable, feats: ImageFeatures) -> None:
+        size = feature_bytes(feats)
+        in_memory = self.bytes_in_memory + size <= self.budget_bytes
+        if not in_memory and self.spill_dir is None:
+            return  # recomputed when asked for again
         one = feats.to(self.storage_device)
         if one.cls.device == feats.cls.device:  # .to() returned the encoder's own tensors: copy, they are views
             one = ImageFeatures(one.cls.clone(), [t.clone() for t in one.patch_tokens], one.grid)
-        size = feature_bytes(one)
-        if self.bytes_in_memory + size <= self.budget_bytes:
+        if in_memory:
             self._memory[key] = one
             self.bytes_in_memory += size
-        elif self.spill_dir is not None:
+        else:
             path = self.spill_dir / f"{len(self._disk):08d}.pt"
             torch.save({"cls": one.cls.cpu(), "patch_tokens": [t.cpu() for t in one.patch_tokens],
                         "grid": list(one.grid)}, path)

@@ -327,8 +327,8 @@ def _committed(name: str) -> str:
     return (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text()
 
 
-def _vitl_numbers(table: str) -> dict[str, str]:
-    """The numbers of the committed ViT-L table that the READMEs quote, as written there."""
+def _vitl_numbers(table: str, keys: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The numbers of a committed inference table that the READMEs quote, as written there (``keys``: a subset)."""
     import re
 
     found = {}
@@ -346,6 +346,8 @@ def _vitl_numbers(table: str) -> dict[str, str]:
         "cpu": r"^Machine: cpu = ([^,]+),",
     }
     for key, pattern in patterns.items():
+        if keys is not None and key not in keys:
+            continue
         m = re.search(pattern, table, re.M)
         assert m, f"{key}: not in the committed table"
         found[key] = m.group(1)
@@ -378,3 +380,15 @@ def test_readme_quotes_the_committed_vitl_table():
         assert "unmeasured" in perf.lower() and "unmeasured" in bench_readme.lower()
     if "NOT met" in table.split("## a.")[0]:
         assert "not met" in perf.lower(), "a target is not met in the committed table: the README must say so"
+    # the torch.compile row (its own run)
+    import re
+    compile_table = _committed("inference_vitl14-336-518px-cpu-compile.md")
+    for case in ("fp32, fused SDPA, torch.compile", "bf16 autocast, fused SDPA, torch.compile",
+                 "bf16 autocast, fused SDPA"):
+        speed_up = re.search(r"^\| " + re.escape(case) + r" \| (?:[^|]+\|){6} ([0-9.]+) \|", compile_table, re.M)
+        assert speed_up and f"{speed_up.group(1)}×" in bench_readme, case
+    # benchmarks/README.md's bpfl-tiny column of the issue-21 rows comes from the tiny e-g table
+    tiny = _vitl_numbers(_committed("inference_bpfl-tiny-224px-cpu-encoder-features.md"),
+                         ("encoder fraction", "bf16 speed-up", "bf16 AUROC diff", "sweep speed-up", "cpu"))
+    assert f"{tiny['encoder fraction']} %" in bench_readme and f"{tiny['bf16 speed-up']}×" in bench_readme
+    assert tiny["bf16 AUROC diff"] in bench_readme and f"{tiny['sweep speed-up']}×" in bench_readme
