@@ -118,6 +118,11 @@ def class_tokens(backbone: ClipBackbone, class_names: Sequence[str]) -> ClassTok
     return ClassTokens(sot=emb[index, :1], rest=emb[index, 2:], eot=eot[index])
 
 
+#: at inference the prompts of at most this many Monte-Carlo samples go through the text tower at once, so that
+#: the peak memory of R = 20 is that of R = 8 (each prompt is encoded independently: the result is the same)
+TEXT_CHUNK_SAMPLES = 8
+
+
 def encode_prompts(backbone: ClipBackbone, learned: torch.Tensor, tokens: ClassTokens,
                    truncate: bool = True, shared_context: int = 0) -> torch.Tensor:
     """Encode every prompt of a batch in one text pass.
@@ -131,6 +136,9 @@ def encode_prompts(backbone: ClipBackbone, learned: torch.Tensor, tokens: ClassT
     Returns L2-normalised text embeddings [N, 2, R, B, C].
     """
     N, S, R, B, M, D = learned.shape
+    if R > TEXT_CHUNK_SAMPLES and not torch.is_grad_enabled():  # inference: bounded memory whatever R
+        return torch.cat([encode_prompts(backbone, learned[:, :, r:r + TEXT_CHUNK_SAMPLES], tokens, truncate,
+                                         shared_context) for r in range(0, R, TEXT_CHUNK_SAMPLES)], dim=2)
     n = N * S * R * B
     length = backbone.context_length
     expand = lambda t, k: t[:, None].expand(N, k, *t.shape[1:]).reshape(N * k, *t.shape[1:])  # noqa: E731

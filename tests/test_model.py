@@ -282,3 +282,24 @@ def test_distribution_ablations_train(tiny_backbone, context, state):
     assert set(out.kl) == expected
     losses["total"].backward()
     assert torch.isfinite(losses["total"])
+
+
+def test_text_side_in_sample_chunks_equals_one_pass(monkeypatch):
+    """At inference the prompts are encoded TEXT_CHUNK_SAMPLES samples at a time (bounded memory in R): the
+    result equals one pass over all R samples."""
+    import bpfl.prompts as P
+    from bpfl.backbone import load_backbone
+    from bpfl.config import BayesPFLConfig
+    from bpfl.model import BayesPFL
+
+    torch.manual_seed(0)
+    bb = load_backbone("bpfl-tiny", None, image_size=64, layers=(1, 2, 3, 4), device="cpu")
+    model = BayesPFL(BayesPFLConfig.teaching(image_size=64, layers=(1, 2, 3, 4), flow_length=2), backbone=bb).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        monkeypatch.setattr(P, "TEXT_CHUNK_SAMPLES", 3)
+        chunked = model(images, ["brick", "grass"], n_samples=7, generator=torch.Generator().manual_seed(1))
+        monkeypatch.setattr(P, "TEXT_CHUNK_SAMPLES", 100)
+        whole = model(images, ["brick", "grass"], n_samples=7, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(chunked.anomaly_map, whole.anomaly_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.image_score, whole.image_score, rtol=1e-5, atol=1e-6)
