@@ -247,9 +247,9 @@ def bench_e2e(model: BayesPFL, images, feats0, names, args, rows: list, checks: 
                 else:
                     feats, t_enc = shared, t_shared
                 if kind == "kit":
-                    fn = lambda: model(None, names, R, features=feats, generator=gen(args.seed))  # noqa: E731
+                    fn = lambda: model(None, names, R, features=feats, generator=gen(args.seed))  # noqa: E731, B023, F821
                 else:
-                    fn = lambda: reference_forward(model, None, names, R, features=feats,  # noqa: E731
+                    fn = lambda: reference_forward(model, None, names, R, features=feats,  # noqa: E731, B023, F821
                                                    generator=gen(args.seed))
                 out, t_rest = timed(fn, dev)
                 enc[case].append(t_enc / N)
@@ -334,7 +334,8 @@ def bench_memory(model: BayesPFL, feats, args, rows: list) -> None:
         for R in args.samples:
             res = results[(kind, R)]
             rows.append(dict(part="b_memory", case=f"kit ({kind})", R=R, n=args.images, repeats=1,
-                             peak_extra_mb=res["peak_extra_mb"], ratio=res["peak_extra_mb"] / base if base > 0 else math.nan,
+                             peak_extra_mb=res["peak_extra_mb"],
+                             ratio=res["peak_extra_mb"] / base if base > 0 else math.nan,
                              ratio_of=f"peak / peak at R={args.samples[0]}", detail=res["how"] + (
                                  "; fresh subprocess" + (f", MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}"
                                                          if args.malloc_mmap_threshold else "")
@@ -916,7 +917,8 @@ def write_report(rows: list, info: dict, args, checks: dict, out_dir: Path, tag:
                         "the image encoder runs once per round and its time is added to every case of that round "
                         "(its work does not depend on R; this keeps its run-to-run noise out of the R ratios)")
             L += ["", f"Total = encoder + rest; {enc_note}. "
-                      "Ratio = total time / kit's total at the first R (per round). 'rest' = everything after the image "
+                      "Ratio = total time / kit's total at the first R (per round). 'rest' = everything after the "
+                      "image "
                       "encoder (flows, text, RCA, maps). Reference rows: the released structure (2·R text passes at 77 "
                       "tokens, all logit maps upsampled, softmax per pair, every map copied to numpy); their maps must "
                       f"equal the kit's (≤ {tolerances(args)[1]:g})."]
@@ -941,10 +943,10 @@ def write_report(rows: list, info: dict, args, checks: dict, out_dir: Path, tag:
                       "`features=store`, one `bpfl.features.FeatureStore` for the sweep. The metric tables of every "
                       "(R, seed) must be identical."]
         if part == "c_train":
-            L += ["", "Ratio = reference / kit per step (image features given to both, as the kit's feature cache does "
-                      "after the first epoch). The last ratio adds the image-encoder time of the batch to the reference "
-                      "only, as the released code re-encodes every step (derived from the measured encoder time). "
-                      "The optimiser update is identical for both and not timed."]
+            L += ["", "Ratio = reference / kit per step (image features given to both, as the kit's feature cache "
+                      "does after the first epoch). The last ratio adds the image-encoder time of the batch to the "
+                      "reference only, as the released code re-encodes every step (derived from the measured encoder "
+                      "time). The optimiser update is identical for both and not timed."]
         L += [""]
     L += ["## Equality checks", "", "| check | value | tolerance | |", "|---|---:|---:|---|"]
     L += [f"| {k} | {v:.1e} | {tol:g} | {'ok' if v <= tol else 'FAILED'} |" for k, (v, tol) in checks.items()]

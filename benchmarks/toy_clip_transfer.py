@@ -52,17 +52,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bpfl.backbone import default_layers, load_backbone  # noqa: E402
-from bpfl.bundled_weights import (BUNDLED_TAG, manifest_path, read_manifest, verify_bundle,  # noqa: E402
-                                  write_manifest)
+from bpfl.bundled_weights import BUNDLED_TAG, manifest_path, read_manifest, verify_bundle, write_manifest  # noqa: E402
 from bpfl.data import SYNTHETIC_GROUPS, make_synthetic_dataset, open_dataset  # noqa: E402
 from bpfl.evaluate import released_topk  # noqa: E402
-from bpfl.toyclip import (DEFAULT_BATCH, DEFAULT_STEPS, TOY_ARCH, TOY_BAYESPFL_LR, TOY_IMAGE_SIZE,  # noqa: E402
-                          default_toy_clip_path, toy_layers)
-from bpfl.toyclip.transfer import (DEFAULT_TEST_SET, LARGE_TEST_SET, RANDOM_NAME, TOY_NAME,  # noqa: E402
-                                   bootstrap_image_auroc, bootstrap_image_auroc_difference,
-                                   classical_reference, run_ids, summarize,
-                                   train_and_evaluate,
-                                   training_free_reference)
+from bpfl.toyclip import (  # noqa: E402
+    DEFAULT_BATCH,
+    DEFAULT_STEPS,
+    TOY_ARCH,
+    TOY_BAYESPFL_LR,
+    TOY_IMAGE_SIZE,
+    default_toy_clip_path,
+    toy_layers,
+)
+from bpfl.toyclip.transfer import (  # noqa: E402
+    DEFAULT_TEST_SET,
+    LARGE_TEST_SET,
+    RANDOM_NAME,
+    TOY_NAME,
+    bootstrap_image_auroc,
+    bootstrap_image_auroc_difference,
+    classical_reference,
+    run_ids,
+    summarize,
+    train_and_evaluate,
+    training_free_reference,
+)
 
 SEEN, UNSEEN = SYNTHETIC_GROUPS["seen"], SYNTHETIC_GROUPS["unseen"]
 TRAINING_FREE = "toy CLIP alone, training-free prompts (no Bayes-PFL)"

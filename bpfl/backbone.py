@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import open_clip
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
 from .bundled_weights import BUNDLED_ARCH, BUNDLED_TAG, read_bundle, short_hash
@@ -90,7 +89,8 @@ class ImageFeatures:
     grid: tuple[int, int]
 
     def to(self, *args, **kwargs) -> "ImageFeatures":
-        return ImageFeatures(self.cls.to(*args, **kwargs), [t.to(*args, **kwargs) for t in self.patch_tokens], self.grid)
+        return ImageFeatures(self.cls.to(*args, **kwargs), [t.to(*args, **kwargs) for t in self.patch_tokens],
+                             self.grid)
 
     def __getitem__(self, idx) -> "ImageFeatures":
         return ImageFeatures(self.cls[idx], [t[idx] for t in self.patch_tokens], self.grid)

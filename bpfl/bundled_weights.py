@@ -199,7 +199,8 @@ def verify_bundle(path: str | Path = BUNDLED_FILE) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BundledWeightsError(f"the bundled toy CLIP {path} is missing: restore it (`git checkout -- "
-                                  f"{path.name}` in {path.parent}) or rebuild it with `bpfl pretrain-toy-clip --bundle`")
+                                  f"{path.name}` in {path.parent}) or rebuild it with "
+                                  "`bpfl pretrain-toy-clip --bundle`")
     manifest = read_manifest(path)
     have = sha256_file(path)
     if have != manifest.get("sha256"):

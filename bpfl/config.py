@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,17 +190,19 @@ class BayesPFLConfig:
 
 #: name -> (paper value, released-code value, what it does). The single place that documents the switches.
 SWITCHES: dict[str, tuple[Any, Any, str]] = {
-    "quick_gelu": (None, False, "CLIP activation: QuickGELU as OpenAI trained it (paper/open_clip) vs exact GELU (released code's own transformer)"),
+    "quick_gelu": (None, False, "CLIP activation: QuickGELU as OpenAI trained it (paper/open_clip) vs exact GELU "
+                                "(released code's own transformer)"),
     "state_init_mean": (0.0, 0.5, "init mean of state vectors: S^n ~ N(+m, .02), S^a ~ N(-m, .02)"),
-    "log_var_scale": (1.0, 0.5, "q0's variance head: log sigma^2 = head (kit) vs 0.5 * head (released var = exp(0.5 h))"),
+    "log_var_scale": (1.0, 0.5, "q0's variance head: log sigma^2 = head (kit) vs 0.5 * head "
+                                "(released var = exp(0.5 h))"),
     "isd_condition": ("cls+patch", "cls", "ISD input xi: x = x_cls + x_patch (paper §3.3/3.5) vs x_cls only"),
     "isd_amortized": (False, True, "ISD planar-flow u, w, b: free parameters vs Linear(x_cls) per image"),
     "constrained_flow": (True, False, "u-hat reparameterisation guaranteeing invertibility vs raw u"),
     "iad_share_flow": (True, False, "IAD normal/abnormal share mu/sigma net and flow vs only the mu/sigma net"),
     "iad_sample_once": (False, True, "IAD samples redrawn per image vs drawn once per test run and reused"),
     "iad_flow_init": ("normal", "randn", "init of the IAD planar u, w, b: u, w ~ N(0, 1/C), b = 0 (the kit's choice: "
-                      "the paper states none; keeps the norm of w near 1 so w'z sits in tanh's range) vs torch.randn, N(0, 1), "
-                      "for all three (released PlanarPFL_state)"),
+                      "the paper states none; keeps the norm of w near 1 so w'z sits in tanh's range) vs "
+                      "torch.randn, N(0, 1), for all three (released PlanarPFL_state)"),
     "iad_one_sample_per_batch": (False, True, "training: one IAD draw per image (Eq. 8-9 per prompt) vs one draw "
                                  "shared by the whole batch (released: z0 is 1 x C)"),
     "iad_log_det_weight": ("1", "1/N", "Eq. 7's IAD log-det term at full weight vs divided by the batch size N "

@@ -18,12 +18,16 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from . import metrics as M
 from .backbone_choice import run_notes
 from .config import BayesPFLConfig
+from .data import collate
 from .data.synthetic import is_synthetic_root
+from .features import FeatureStore
 from .model import BayesPFL
+from .viz import save_overlays
 
 #: released code: categories whose image score uses the top-20 map values (others: top-2000)
 RELEASED_TOP20 = {"capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum"}
@@ -99,16 +103,12 @@ class EvalResult:
 @torch.no_grad()
 def predict_dataset(model: BayesPFL, dataset, indices: Sequence[int] | None = None, *, n_samples: int | None = None,
                     batch_size: int = 8, seed: int = 0, progress: bool = True, desc: str = "predict",
-                    features: "FeatureStore | None" = None):
+                    features: FeatureStore | None = None):
     """Yield (batch dict, BayesPFLOutput) over ``dataset`` (optionally a subset), R samples per image.
 
     ``features``: a :class:`bpfl.features.FeatureStore`; each image is then encoded once and its frozen CLIP
     features reused by every later call with the same store (R / seed sweeps; results unchanged).
     """
-    from tqdm.auto import tqdm
-
-    from .data import collate
-
     model.eval()
     model.reset_state_samples()
     subset = dataset if indices is None else Subset(dataset, list(indices))
@@ -127,7 +127,7 @@ def evaluate(model: BayesPFL, dataset, *, n_samples: int | None = None, batch_si
              map_sigma: float | None = None, aupro_variant: str | Sequence[str] | None = "mvtec",
              metric_method: str = "auto", out_dir: str | Path | None = None, overlays: int = 0,
              dataset_name: str = "", protocol: str = "zero-shot", progress: bool = True,
-             categories: Sequence[str] | None = None, features: "FeatureStore | None" = None) -> EvalResult:
+             categories: Sequence[str] | None = None, features: FeatureStore | None = None) -> EvalResult:
     """Zero-shot test of ``model`` on ``dataset`` (an :class:`bpfl.data.AnomalyDataset`).
 
     ``features``: a :class:`bpfl.features.FeatureStore` shared by several evaluations (seeds, R values, epochs) so
@@ -206,7 +206,6 @@ def evaluate(model: BayesPFL, dataset, *, n_samples: int | None = None, batch_si
     if out_dir is not None:
         result.files = write_results(result, out_dir, title=f"Zero-shot results on {prov['dataset']}")
         if overlay_items:
-            from .viz import save_overlays
             result.files["overlays"] = save_overlays(overlay_items, Path(out_dir) / "overlays")
     return result
 
@@ -297,7 +296,6 @@ def evaluate_mc_seeds(model: BayesPFL, dataset, seeds: Sequence[int], **kwargs) 
     """
     out_dir = kwargs.pop("out_dir", None)
     if len(seeds) > 1 and kwargs.get("features") is None:  # the seeds share each image's encoder pass
-        from .features import FeatureStore
         kwargs["features"] = FeatureStore()
     rows, prov = [], None
     for s in seeds:

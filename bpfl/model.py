@@ -38,7 +38,8 @@ MAP_CHUNK_ELEMENTS = 1 << 22
 
 #: prompt designs other than Bayes-PFL's banks + flows, by ``config.prompt_design`` name: a builder
 #: ``(config, backbone) -> nn.Module`` whose ``forward(model, feats, x, class_names, n_samples, generator)`` returns
-#: the text features. Filled by :mod:`bpfl.prompt_designs` (imported by ``bpfl``) through :func:`register_prompt_design`.
+#: the text features. Filled by :mod:`bpfl.prompt_designs` (imported by ``bpfl``) through
+#: :func:`register_prompt_design`.
 PROMPT_DESIGNS: dict[str, Callable[[BayesPFLConfig, ClipBackbone], nn.Module]] = {}
 
 

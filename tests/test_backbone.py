@@ -8,8 +8,14 @@ import open_clip
 import pytest
 import torch
 
-from bpfl.backbone import (ClipBackbone, WeightsNotAvailableError, build_clip, load_backbone,
-                           load_state_dict_into, pick_device)
+from bpfl.backbone import (
+    ClipBackbone,
+    WeightsNotAvailableError,
+    build_clip,
+    load_backbone,
+    load_state_dict_into,
+    pick_device,
+)
 
 PROMPTS = ["a photo of a damaged bottle", "x grass", "a flawless woven fabric surface with many threads",
            "printed circuit board"]

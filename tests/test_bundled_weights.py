@@ -167,7 +167,8 @@ def test_readme_quotes_the_bundled_files_transfer(manifest):
     root = BW.BUNDLE_DIR.parents[1]
     readme = (root / "README.md").read_text()
     t = measured_table(root / "benchmarks" / "results" / manifest["transfer"]["result_file"])
-    quoted = (f"pixel\nAUROC {t.loc[TOY_NAME, 'pixel AUROC']:.3f} and image AUROC {t.loc[TOY_NAME, 'image AUROC']:.3f}, "
+    quoted = (f"pixel\nAUROC {t.loc[TOY_NAME, 'pixel AUROC']:.3f} and image AUROC "
+              f"{t.loc[TOY_NAME, 'image AUROC']:.3f}, "
               f"against {t.loc[RANDOM_NAME, 'pixel AUROC']:.3f} and {t.loc[RANDOM_NAME, 'image AUROC']:.3f}")
     assert " ".join(quoted.split()) in " ".join(readme.split())
     assert f"{manifest['bytes'] / 1e6:.1f} MB" in readme

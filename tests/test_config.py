@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from bpfl.config import (ABLATIONS, NOT_MODELLED, SWITCHES, BayesPFLConfig, not_modelled_markdown, switches_markdown,
-                         with_ablations)
+from bpfl.config import (
+    ABLATIONS,
+    NOT_MODELLED,
+    SWITCHES,
+    BayesPFLConfig,
+    not_modelled_markdown,
+    switches_markdown,
+    with_ablations,
+)
 
 
 def test_paper_defaults():

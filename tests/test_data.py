@@ -11,10 +11,27 @@ import pytest
 import torch
 from PIL import Image
 
-from bpfl.data import (CLIP_MEAN, CLIP_STD, AnomalyDataset, DatasetError, DatasetWarning, Record,
-                       check_dataset, collate, detect_layout, load_image, load_mask, load_record,
-                       open_dataset, read_folder, read_meta_json, read_mvtec, read_segmentation_only,
-                       read_visa, write_meta_json)
+from bpfl.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    AnomalyDataset,
+    DatasetError,
+    DatasetWarning,
+    Record,
+    check_dataset,
+    collate,
+    detect_layout,
+    load_image,
+    load_mask,
+    load_record,
+    open_dataset,
+    read_folder,
+    read_meta_json,
+    read_mvtec,
+    read_segmentation_only,
+    read_visa,
+    write_meta_json,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MVTEC_XS = SHARED / "mvtec-bottle-xs"

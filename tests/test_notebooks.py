@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -214,6 +213,7 @@ def nb_env(tmp_path, monkeypatch):
     for k in ("BPFL_MODE", "BPFL_OVERRIDES", "BPFL_AUX_DATA", "BPFL_TARGETS", "BPFL_DEVICE", "BPFL_THREADS"):
         monkeypatch.delenv(k, raising=False)
     import matplotlib
+
     from bpfl import notebook
     threads, rc = torch.get_num_threads(), matplotlib.rcParams.copy()
     yield notebook

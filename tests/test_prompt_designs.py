@@ -12,9 +12,16 @@ from bpfl.config import ABLATIONS, BayesPFLConfig, with_ablations
 from bpfl.data import make_synthetic_dataset, open_dataset
 from bpfl.evaluate import evaluate
 from bpfl.model import BayesPFL
-from bpfl.prompt_designs import (AnomalyCLIPPlusDesign, AprilGANPlusDesign, HandcraftedEnsemble, WinCLIPDesign,
-                                 build_prompt_design, compare_prompt_designs, init_projections_from_clip,
-                                 plot_design_curves)
+from bpfl.prompt_designs import (
+    AnomalyCLIPPlusDesign,
+    AprilGANPlusDesign,
+    HandcraftedEnsemble,
+    WinCLIPDesign,
+    build_prompt_design,
+    compare_prompt_designs,
+    init_projections_from_clip,
+    plot_design_curves,
+)
 from bpfl.prompts import prompt_class_name
 from bpfl.train import per_epoch_eval, train
 

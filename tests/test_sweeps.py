@@ -11,8 +11,15 @@ import torch
 from bpfl.config import BayesPFLConfig
 from bpfl.data import make_synthetic_dataset, open_dataset
 from bpfl.model import BayesPFL
-from bpfl.sweeps import (PAPER_DEFAULTS, PAPER_SWEEP_RESULTS, SWEEP_FIELDS, SWEEP_METRICS, hyperparameter_sweep,
-                         plot_sweep, trained_value)
+from bpfl.sweeps import (
+    PAPER_DEFAULTS,
+    PAPER_SWEEP_RESULTS,
+    SWEEP_FIELDS,
+    SWEEP_METRICS,
+    hyperparameter_sweep,
+    plot_sweep,
+    trained_value,
+)
 from bpfl.train import read_checkpoint
 
 SIZE = 112

@@ -8,9 +8,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bpfl.data import (SYNTHETIC_CATEGORIES, SYNTHETIC_GROUPS, SYNTHETIC_PRESETS, TEXTURES,
-                       DatasetError, check_dataset, class_word, make_synthetic_dataset,
-                       open_dataset, perlin, perlin_mask, read_meta_json, read_mvtec)
+from bpfl.data import (
+    SYNTHETIC_CATEGORIES,
+    SYNTHETIC_GROUPS,
+    SYNTHETIC_PRESETS,
+    TEXTURES,
+    DatasetError,
+    check_dataset,
+    class_word,
+    make_synthetic_dataset,
+    open_dataset,
+    perlin,
+    perlin_mask,
+    read_meta_json,
+    read_mvtec,
+)
 
 
 def _files(root: Path) -> dict[str, bytes]:

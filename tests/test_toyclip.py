@@ -8,10 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from bpfl.toyclip import (
+    DEFAULT_HELD_OUT,
+    DEFECT_KINDS,
+    FAMILIES,
+    HELD_OUT_WORDS,
+    consistency_matrix,
+    default_toy_clip_path,
+    ensure_toy_clip,
+    pretrain_toy_clip,
+    toy_sample,
+    toy_stream,
+)
 from bpfl.toyclip import generator as G
 from bpfl.toyclip import pretrain as P
-from bpfl.toyclip import (DEFAULT_HELD_OUT, DEFECT_KINDS, FAMILIES, HELD_OUT_WORDS, consistency_matrix,
-                          default_toy_clip_path, ensure_toy_clip, pretrain_toy_clip, toy_sample, toy_stream)
 
 SIZE = 32  # tiny images keep the tests fast (a 4 x 4 patch grid for bpfl-toy)
 N = 120
@@ -136,7 +146,8 @@ def test_a_few_steps_lower_the_contrastive_loss():
     ent = lambda t: float(-(t * torch.log(t.clamp_min(1e-12))).sum(1).mean())  # noqa: E731
     floor = 0.5 * (ent(pos / pos.sum(1, keepdim=True)) + ent((pos / pos.sum(0, keepdim=True)).t()))
     assert np.isfinite(first["total"]) and first["clip"] > floor + 0.5
-    assert last["clip"] - floor < 0.8 * (first["clip"] - floor) and last["clip"] < first["clip"] - 0.25, (floor, first, last)
+    assert last["clip"] - floor < 0.8 * (first["clip"] - floor), (floor, first, last)
+    assert last["clip"] < first["clip"] - 0.25, (floor, first, last)
     assert last["dense"] < first["dense"], (first, last)
 
 
@@ -415,7 +426,7 @@ def test_bootstrap_interval_matches_a_brute_force_resample():
     # brute force: the same multinomial draws (per category in order: anomalous, then normal), explicit resamples
     draw = np.random.default_rng(5)
     reps = np.zeros(n_boot)
-    for cat, g in scores.groupby("category", sort=False):
+    for _cat, g in scores.groupby("category", sort=False):
         for b, pick, lab in _explicit_resamples(g, draw, n_boot):
             for seed in (0, 1):
                 sc = g[g.seed == seed].set_index("path").score
@@ -612,7 +623,7 @@ def test_paired_bootstrap_of_a_difference_matches_a_brute_force_resample():
     assert abs(d["difference"] - (s.at["toy", "image_auroc_mean"] - s.at["classical", "image_auroc_mean"])) < 1e-12
     draw = np.random.default_rng(4)
     reps = np.zeros(n_boot)
-    for cat, g in sorted(scores.groupby("category"), key=lambda kv: kv[0]):
+    for _cat, g in sorted(scores.groupby("category"), key=lambda kv: kv[0]):
         for b, pick, lab in _explicit_resamples(g, draw, n_boot):
             for method, sign in (("toy", 1), ("classical", -1)):
                 runs = g[g.method == method]

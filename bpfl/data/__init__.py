@@ -14,16 +14,48 @@ takes it. Note the paper's protocol **trains on the auxiliary dataset's test spl
 """
 from .check import DatasetReport, check_dataset
 from .dataset import AnomalyDataset, collate, load_record, open_dataset, verify_record
-from .images import (CLIP_MEAN, CLIP_STD, IMAGE_EXTENSIONS, denormalize, load_image, load_mask,
-                     mask_to_binary, pil_to_rgb, read_rgb)
+from .images import (
+                     CLIP_MEAN,
+                     CLIP_STD,
+                     IMAGE_EXTENSIONS,
+                     denormalize,
+                     load_image,
+                     load_mask,
+                     mask_to_binary,
+                     pil_to_rgb,
+                     read_rgb,
+)
 from .perlin import perlin, perlin_mask
-from .readers import (BTAD_CLASS_NAMES, GOOD_DIR_NAMES, LAYOUTS, MASK_SUFFIXES, detect_layout,
-                      find_meta_json, guess_class_word, read_folder, read_meta_json, read_mvtec,
-                      read_records, read_segmentation_only, read_visa, write_meta_json)
+from .readers import (
+                     BTAD_CLASS_NAMES,
+                     GOOD_DIR_NAMES,
+                     LAYOUTS,
+                     MASK_SUFFIXES,
+                     detect_layout,
+                     find_meta_json,
+                     guess_class_word,
+                     read_folder,
+                     read_meta_json,
+                     read_mvtec,
+                     read_records,
+                     read_segmentation_only,
+                     read_visa,
+                     write_meta_json,
+)
 from .records import DatasetError, DatasetWarning, Record, RecordList
-from .synthetic import (AUTHORS_CLASS_REMAP, DEFECTS, SYNTHETIC_CATEGORIES, SYNTHETIC_GROUPS,
-                        SYNTHETIC_PRESETS, SYNTHETIC_TINY, class_word, ensure_synthetic, is_synthetic_root,
-                        make_synthetic_dataset, synthetic_up_to_date)
+from .synthetic import (
+                     AUTHORS_CLASS_REMAP,
+                     DEFECTS,
+                     SYNTHETIC_CATEGORIES,
+                     SYNTHETIC_GROUPS,
+                     SYNTHETIC_PRESETS,
+                     SYNTHETIC_TINY,
+                     class_word,
+                     ensure_synthetic,
+                     is_synthetic_root,
+                     make_synthetic_dataset,
+                     synthetic_up_to_date,
+)
 from .textures import TEXTURES
 
 __all__ = [
@@ -31,7 +63,8 @@ __all__ = [
     "AnomalyDataset", "CLIP_MEAN", "CLIP_STD", "DEFECTS", "DatasetError", "DatasetReport",
     "DatasetWarning", "IMAGE_EXTENSIONS", "LAYOUTS", "Record", "RecordList", "SYNTHETIC_CATEGORIES",
     "SYNTHETIC_GROUPS", "SYNTHETIC_PRESETS", "SYNTHETIC_TINY", "TEXTURES", "check_dataset",
-    "class_word", "collate", "ensure_synthetic", "is_synthetic_root", "denormalize", "detect_layout", "find_meta_json", "guess_class_word",
+    "class_word", "collate", "ensure_synthetic", "is_synthetic_root", "denormalize", "detect_layout",
+    "find_meta_json", "guess_class_word",
     "load_image", "load_mask", "load_record", "make_synthetic_dataset", "mask_to_binary",
     "open_dataset", "perlin", "perlin_mask", "pil_to_rgb", "read_folder", "read_meta_json",
     "read_mvtec", "read_records", "read_rgb", "read_segmentation_only", "read_visa", "synthetic_up_to_date",

@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import (default_mask_threshold, image_to_tensor, mask_to_binary, mask_to_tensor,
-                     open_pil, pil_to_rgb)
+from .images import default_mask_threshold, image_to_tensor, mask_to_binary, mask_to_tensor, open_pil, pil_to_rgb
 from .readers import read_records
 from .records import DatasetError, DatasetWarning, Record, RecordList
 

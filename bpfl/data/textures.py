@@ -133,7 +133,7 @@ def fibre(rng: np.random.Generator, size: int) -> np.ndarray:
     """Fibres: several layers of strongly anisotropic Perlin noise at nearby orientations."""
     theta = rng.uniform(-10, 10) + 35.0
     n = np.zeros((size, size), np.float32)
-    for k in range(3):
+    for _ in range(3):
         n += perlin((size, size), (size / 5.0, 2.0), rng, angle=theta + rng.normal(0, 6))
     n = (n - n.mean()) / (n.std() + 1e-6)
     t = np.clip(0.5 + 0.22 * n, 0, 1)

@@ -9,6 +9,7 @@ import torch
 
 from ..flow import PlanarFlowStack, standard_normal_log_prob
 
+
 def demo_flow_2d(k_max: int = 12, seed: int = 2, constrained: bool = True):
     """A 2-D :class:`bpfl.flow.PlanarFlowStack` (float64) whose densities are easy to see.
 

@@ -10,15 +10,48 @@ substitute for OpenAI's CLIP. See ``docs/toy_clip.md``.
     cfg = BayesPFLConfig.teaching(**toy_bayespfl_overrides("bpfl-bundled"))  # the toy CLIP shipped in the package
     path = ensure_toy_clip(build=True)         # or build one yourself: 15-35 min on 2 CPU cores
 """
-from .generator import (COLOURS, DEFAULT_HELD_OUT, DEFECT_KINDS, FAMILIES, HELD_OUT_WORDS, Caption, ToySample,
-                        allowed_families, caption_consistent, consistency_matrix, held_out_words, make_caption,
-                        toy_sample, toy_stream)
-from .generator import ToyCaptionStream, samples_to_batch
-from .pretrain import (DEFAULT_BATCH, DEFAULT_DENSE_WEIGHT, DEFAULT_STEPS, TOY_ARCH, TOY_BAYESPFL_LR,
-                       TOY_IMAGE_SIZE, TOY_PRETRAIN_SIZE, PretrainResult, PretrainSettings, add_arguments, bundle_toy_clip,
-                       cache_dir,
-                       default_toy_clip_path, ensure_toy_clip, load_toy_backbone, main, peak_rss_mb,
-                       pretrain_toy_clip, recipe_differences, run, toy_bayespfl_overrides, toy_layers)
+from .generator import (
+                        COLOURS,
+                        DEFAULT_HELD_OUT,
+                        DEFECT_KINDS,
+                        FAMILIES,
+                        HELD_OUT_WORDS,
+                        Caption,
+                        ToyCaptionStream,
+                        ToySample,
+                        allowed_families,
+                        caption_consistent,
+                        consistency_matrix,
+                        held_out_words,
+                        make_caption,
+                        samples_to_batch,
+                        toy_sample,
+                        toy_stream,
+)
+from .pretrain import (
+                        DEFAULT_BATCH,
+                        DEFAULT_DENSE_WEIGHT,
+                        DEFAULT_STEPS,
+                        TOY_ARCH,
+                        TOY_BAYESPFL_LR,
+                        TOY_IMAGE_SIZE,
+                        TOY_PRETRAIN_SIZE,
+                        PretrainResult,
+                        PretrainSettings,
+                        add_arguments,
+                        bundle_toy_clip,
+                        cache_dir,
+                        default_toy_clip_path,
+                        ensure_toy_clip,
+                        load_toy_backbone,
+                        main,
+                        peak_rss_mb,
+                        pretrain_toy_clip,
+                        recipe_differences,
+                        run,
+                        toy_bayespfl_overrides,
+                        toy_layers,
+)
 from .zeroshot import zero_shot_maps
 
 __all__ = [

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from scipy.ndimage import gaussian_filter
 
 from .. import metrics as M
