@@ -283,7 +283,9 @@ def write_report(out: Path, runs: pd.DataFrame, epochs: pd.DataFrame, sweeps: pd
     from bpfl.notebook.tables import committed_summary, format_summary
 
     lines = ["# Committed tables of notebooks 05 and 06 (bundled toy CLIP, fast recipe)\n",
-             f"Written by `benchmarks/notebook_tables.py` on {prov['date']} in {prov['minutes']:.0f} min. "
+             f"Written by `benchmarks/notebook_tables.py` on {prov['date']}: {prov['minutes']:.0f} min (wall clock) "
+             f"over its parts ({', '.join(f'{k} {v:.0f} min' for k, v in prov.get('part_minutes', {}).items())}; "
+             "parts may run in parallel processes). "
              f"**Mean ± std over {len(prov['seeds'])} training runs** (training seeds {prov['seeds']}; each run "
              f"evaluated once, Monte-Carlo seed 0), category means, metrics in %.\n",
              f"- machine: {prov['machine']}",
@@ -293,6 +295,8 @@ def write_report(out: Path, runs: pd.DataFrame, epochs: pd.DataFrame, sweeps: pd
              f"- test sets: {prov['test_sets']}",
              "- the seed-0 run of the full model has the notebooks' main model's config and data (training is "
              "deterministic given the seed).", ""]
+    if not len(runs):
+        runs = pd.DataFrame(columns=["experiment", "row", "seed", "test_set", "R", "ms_per_image", *METRICS])
     for title, rows, test_set in (
             ("Table 2 (large unseen test set)", ["Bayes-PFL", "w/o ISD", "w/o IAD", "w/o ISD, IAD", "w/o RCA",
                                                   "w/o L_ort", "w/o x_cls", "w/o x_patch", "w/o s_text",

@@ -272,8 +272,9 @@ class NotebookSetup:
     def new_model(self, config: BayesPFLConfig | None = None, **changes: Any):
         """A freshly initialised :class:`bpfl.model.BayesPFL` on the shared backbone (seeded by ``config.seed``)."""
         cfg = (config or self.config).replace(**changes) if changes else (config or self.config)
-        torch.manual_seed(cfg.seed)
-        return BayesPFL(cfg, backbone=self.backbone)
+        backbone = self.backbone  # loaded (and its own random draws done) before the model's seed is set
+        seed_everything(cfg.seed)
+        return BayesPFL(cfg, backbone=backbone)
 
     # ---- data
     def synthetic_root(self, preset: str | None = None) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..viz import to_display_image
+from ..viz import MAP_CMAP, to_display_image
 from .flow2d import demo_flow_2d, flow_density_2d, flow_samples_2d, grid_2d, histogram_density, truncate_flow
 
 LOSS_TERMS = ("cls", "focal", "dice", "ort", "kl_context", "kl_normal", "kl_abnormal", "total")
@@ -160,7 +160,6 @@ def r_slider_demo(model, images: torch.Tensor, class_names: Sequence[str], r_max
     """
     import ipywidgets as widgets  # the notebooks extra
 
-    from ..viz import MAP_CMAP
 
     if model.config.ensemble != "image":
         raise ValueError("the R slider needs the image ensemble (one map per sample); config.ensemble='image'")
