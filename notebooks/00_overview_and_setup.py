@@ -12,9 +12,9 @@
 # - find each part of the paper (sections, equations) in the `bpfl` package
 # - run every notebook in **fast** mode, and know the one switch to **paper** mode
 #
-# **Runtime**: fast mode 20-30 s on a shared 2-core CPU (measured with the kernel start and the synthetic data
-# already generated; generating it the first time adds ≈ 10 s). It trains nothing. Paper mode (a GPU and the OpenAI
-# ViT-L-14-336 weights) was not timed here.
+# **Runtime**: fast mode 18 s in the committed cold-start run (`benchmarks/results/notebook_times.md`: all seven
+# notebooks in order on a 2-core CPU, kernel start included), generating the synthetic dataset
+# included. It trains nothing. Paper mode (a GPU and the OpenAI ViT-L-14-336 weights) was not timed here.
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP**: a small CLIP (`bpfl-toy`, 112 px)

@@ -11,10 +11,11 @@
 # - see what the orthogonal loss $\mathcal{L}_{ort}$ (Eq. 13) does to that matrix in a few steps
 # - read the banks of the trained model, and compare them with hand-written prompts
 #
-# **Runtime**: fast mode 20-25 s on a shared 2-core CPU (kernel start included) when the main model is cached,
-# ≈ 65 s when this notebook is the first to ask for it and trains it (the training measured 45-70 s, then cached
-# for every notebook). Paper mode (a GPU and the OpenAI weights, plus the main training if no notebook has
-# cached it) was not timed here.
+# **Runtime**: fast mode 49 s in the committed cold-start run (`benchmarks/results/notebook_times.md`: all seven
+# notebooks in order on a 2-core CPU, kernel start included), training the main model
+# included: this notebook is the first to ask for it, and every later notebook loads it from the cache (so a second
+# run is shorter). Paper mode (a GPU and the OpenAI weights, plus the main training if no notebook has cached it)
+# was not timed here.
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP** (notebook 00): its text encoder was

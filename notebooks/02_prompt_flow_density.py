@@ -12,10 +12,10 @@
 # - tell the image-specific (ISD) from the image-agnostic (IAD) distribution
 # - diagnose a **collapsed** prompt distribution in a trained model, and find out why it collapsed
 #
-# **Runtime**: fast mode 25-45 s on a shared 2-core CPU (kernel start included; the range is the load of other
-# jobs) when the main model is cached (notebook 01 trains it); add 45-70 s when this notebook is the first to ask
-# for it. Paper mode (a GPU and the OpenAI weights, plus the main training if no
-# notebook has cached it) was not timed here.
+# **Runtime**: fast mode 25 s in the committed cold-start run (`benchmarks/results/notebook_times.md`: all seven
+# notebooks in order on a 2-core CPU, kernel start included), with the main model cached by
+# notebook 01; run first on a cold cache, it trains the main model too, as 01 does. Paper mode (a GPU and the
+# OpenAI weights, plus the main training if no notebook has cached it) was not timed here.
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP** (notebook 00), with K = 10 flow

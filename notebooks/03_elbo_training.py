@@ -11,10 +11,11 @@
 # - read the per-term loss curves of a training run, save a checkpoint, and load it instead of retraining
 # - test the trained model zero-shot on the unseen categories, with an interval
 #
-# **Runtime**: fast mode 20-45 s on a shared 2-core CPU (kernel start included; the range is the load of other
-# jobs) when the main model is cached (notebook 01 trains it); add 45-70 s when this notebook is the first to ask
-# for it, and the loss curves are then drawn live. Paper mode (a GPU, the OpenAI weights, 20 epochs
-# on VisA-sized data, loaded from the cache afterwards) was not timed here.
+# **Runtime**: fast mode 19 s in the committed cold-start run (`benchmarks/results/notebook_times.md`: all seven
+# notebooks in order on a 2-core CPU, kernel start included), with the main model cached by
+# notebook 01; run first on a cold cache, it trains the main model too (as 01 does) and draws the loss curves live.
+# Paper mode (a GPU, the OpenAI weights, 20 epochs on VisA-sized data, loaded from the cache afterwards) was not
+# timed here.
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP** (notebook 00) and trains with a

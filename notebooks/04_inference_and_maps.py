@@ -13,11 +13,12 @@
 #   APRIL-GAN+, AnomalyCLIP+) on the same images; then Figure 6 (image vs text ensemble)
 # - see why the backbone's pretraining matters: a random backbone against the kit's toy CLIP, live
 #
-# **Runtime**: fast mode on a 2-core CPU ≈ 1.5 min when an earlier notebook cached the main model (measured
-# 166 s in the test suite when this notebook has to train it too): the two prompt-design baselines are trained here
-# once (≈ 30-50 s each, depending on the load; notebook 06 reuses them) and the live random-vs-toy comparison trains two
-# 5-epoch models (≈ 30 s). Paper mode on one GPU ≈ 1 h (two baselines at the paper's scale; the random-vs-toy
-# section always runs at toy scale).
+# **Runtime**: fast mode 94 s in the committed cold-start run (`benchmarks/results/notebook_times.md`: all seven
+# notebooks in order on a 2-core CPU, kernel start included), with the main model cached by
+# notebook 01: the two prompt-design baselines are trained here once (notebook 06 reuses them) and the live
+# random-vs-toy comparison trains two 5-epoch models; run first on a cold cache, it trains the main model too.
+# Paper mode on one GPU: about an hour (an estimate, not measured: two baselines at the paper's scale; the
+# random-vs-toy section always runs at toy scale).
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP** (`bpfl-toy`, 112 px, pretrained
@@ -465,4 +466,4 @@ except Exception as e:  # the checkpoint has RCA weights the smaller model has n
 print("A model without RCA has no `rca.query` weights, but the checkpoint holds them: the kit refuses a "
       "checkpoint that does not match the model. RCA is trained with everything else, so 'w/o RCA' is a "
       "different model: train it with `S.train_or_load(with_ablations(cfg, ['no-rca']), name='ablation-no-rca')` "
-      "(≈ 90 s on the CPU); notebook 05 shows its committed numbers over 3 training runs.")
+      "(one more training like the main model's); notebook 05 shows its committed numbers over 3 training runs.")

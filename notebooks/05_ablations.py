@@ -14,14 +14,16 @@
 # - read a results table critically: what was run, how often, on how many images, and whether a difference is larger
 #   than the noise
 #
-# **Runtime**: fast mode on a 2-core CPU ≈ 40 s (measured 38 s with the main model cached; ≈ 1.5 min more without
-# it): nothing is trained, the committed tables are read and the main model is evaluated. Paper mode on one GPU:
-# hours (every row of Tables 2-4 and Figure 5 trained with 5 seeds, the sweeps with 3).
+# **Runtime**: fast mode 36 s in the committed cold-start run (`benchmarks/results/notebook_times.md`: all seven
+# notebooks in order on a 2-core CPU, kernel start included), with the main model cached:
+# nothing is trained, the committed tables are read and the main model is evaluated (run first on a cold cache, it
+# trains the main model). Paper mode on one GPU: hours (an estimate, not measured: every row of Tables 2-4 and
+# Figure 5 trained with 5 seeds, the sweeps with 3).
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP** (`bpfl-toy`, 112 px, pretrained
 # offline on procedural surfaces) with the demo's recipe (30 epochs, batch 4, lr 1e-2, K = 10, R_test = 4), trained
-# on the synthetic *seen* categories and tested on the *unseen* ones. One such training takes ≈ 90 s here, so
+# on the synthetic *seen* categories and tested on the *unseen* ones. One such training takes minutes on a CPU, so
 # fast mode shows the **committed** tables of `benchmarks/notebook_tables.py` (every row trained with 3 training
 # seeds) beside what it can compute **live** from the one main model; paper mode (ViT-L-14-336 with OpenAI weights
 # at 518 px, GPU advised) trains and evaluates every row live. The banner printed by the setup cell says which mode
@@ -332,7 +334,7 @@ print(nbt.sweep_sentence(sweeps))
 # %% [markdown] tags=["exercise"]
 # **Exercise 1.** Add a row to Table 2 for the released code's RCA (`rca_heads=4, rca_bias=True,
 # rca_normalize_output=True`). Which `SWITCHES` entry documents each of the three? Build the model and count RCA's
-# trainable parameters in both versions (training it is ≈ 90 s: try it with `S.train_or_load(...)` if you have
+# trainable parameters in both versions (training it takes as long as the main model's: try it with `S.train_or_load(...)` if you have
 # the time).
 
 # %% tags=["solution"]

@@ -11,9 +11,10 @@
 # - read Figure 4, pixel AP per training epoch for Bayes-PFL, APRIL-GAN+ and AnomalyCLIP+, and check that its
 #   Bayes-PFL curve is the Table-1 model's own training run
 #
-# **Runtime**: fast mode on a 2-core CPU ≈ 20 s (measured 18 s) when notebook 04 has cached the two baselines
-# (≈ 1 min more without them, and ≈ 1.5 min more without the main model). Paper mode on one GPU ≈ 1-3 h (Figure 4:
-# three trainings with an evaluation after every epoch).
+# **Runtime**: fast mode 19 s in the committed cold-start run (`benchmarks/results/notebook_times.md`: all seven
+# notebooks in order on a 2-core CPU, kernel start included), with the main model and
+# notebook 04's two baselines cached (run first on a cold cache, it trains all three). Paper mode on one GPU: 1-3 h
+# (an estimate, not measured: Figure 4 is three trainings with an evaluation after every epoch).
 #
 # **Mode switch**: set `MODE` in the setup cell below (`"fast"` or `"paper"`), or the environment variable
 # `BPFL_MODE`. Fast mode (the default) runs on the kit's **bundled toy CLIP** (`bpfl-toy`, 112 px, pretrained

@@ -6,7 +6,8 @@
   each a markdown cell tagged "exercise" followed by its worked solution, a cell tagged "solution";
 * every notebook executes top to bottom in fast mode WITH its solutions (nbclient, the venv's python3 kernel,
   temporary results and data folders, offline, Agg backend) on the bundled toy CLIP; the per-notebook times are
-  printed and written to notebook_timings.json;
+  printed and written to notebook_timings.json, but not asserted: the budget is checked on the committed
+  measurement of benchmarks/notebook_times.py, which notebooks/README.md quotes;
 * `bpfl notebooks student` writes copies without solutions; `bpfl notebooks html` renders executed HTML;
 * the K and R widgets are real ipywidgets whose callbacks redraw the data they show;
 * modes, the banner and the train-or-load cache of bpfl.notebook behave as documented.
@@ -30,7 +31,6 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["00_overview_and_setup", "01_prompt_banks", "02_prompt_flow_density", "03_elbo_training",
             "04_inference_and_maps", "05_ablations", "06_benchmark_and_figure4"]
-TOTAL_BUDGET_S = 600  # all notebooks together, fast mode, 2-core CPU
 TIMINGS: dict[str, float] = {}
 
 
@@ -194,14 +194,47 @@ def test_html_rendering_of_one_notebook(tmp_path, kernel_home, notebook_dirs, mo
     assert "Traceback" not in page
     assert 'href="00_overview_and_setup.html"' in (tmp_path / "site" / "index.html").read_text()
     assert list((tmp_path / "site" / "results" / "00_overview_and_setup").glob("*.png"))
+    timings = (tmp_path / "site" / "timings.csv").read_text().splitlines()
+    assert timings[0] == "notebook,seconds,trained" and timings[1].startswith("00_overview_and_setup,")
+    assert timings[1].endswith(",") and len(timings) == 2  # 00 trains nothing
 
 
-def test_all_notebooks_fit_the_time_budget():
-    if set(TIMINGS) != set(EXPECTED):
-        pytest.skip("runs only after all notebooks were executed in this session")
-    total = sum(TIMINGS.values())
-    print("\n[notebooks] " + ", ".join(f"{k}: {v:.0f} s" for k, v in TIMINGS.items()) + f"; total {total:.0f} s")
-    assert total <= TOTAL_BUDGET_S, f"fast mode must run all notebooks in <= {TOTAL_BUDGET_S} s, took {total:.0f} s"
+def test_committed_notebook_times_fit_the_budget_and_the_readme_quotes_them():
+    """benchmarks/notebook_times.py (cold start, in order) is what notebooks/README.md's time column says."""
+    import pandas as pd
+
+    times = ROOT / "benchmarks" / "results" / "notebook_times"
+    assert times.with_suffix(".csv").is_file(), "run `python benchmarks/notebook_times.py`"
+    df = pd.read_csv(times.with_suffix(".csv"), keep_default_na=False)
+    rec = json.loads(times.with_suffix(".json").read_text())
+    assert list(df.notebook) == EXPECTED
+    assert rec["total_seconds"] == pytest.approx(df.seconds.sum(), abs=0.2)
+    assert rec["total_seconds"] <= rec["budget_seconds"] == 600, "fast mode: all notebooks in <= 10 min, 2 cores"
+    assert rec["cache"].startswith("cold")
+    # a cold start trains the main model exactly once (the first notebook that needs it) and the baselines in 04
+    trained = [name for cell in df.trained for name in cell.split()]
+    assert trained.count("bayes-pfl") == 1 and {"design-aprilgan+", "design-anomalyclip+"} <= set(trained)
+    assert "design-aprilgan+" in df.set_index("notebook").at["04_inference_and_maps", "trained"]
+    readme_text = (NOTEBOOK_DIR / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme_text.splitlines() if line.startswith("| `")}
+    for row in df.itertuples():
+        assert f"| {row.seconds:.0f} s" in rows[row.notebook], f"notebooks/README.md: {row.notebook}'s time"
+        nb = nbformat.read(NOTEBOOK_DIR / f"{row.notebook}.ipynb", as_version=4)
+        runtime = next(" ".join(c.source.split()) for c in nb.cells if "**Runtime**" in c.source)
+        assert f"fast mode {row.seconds:.0f} s in the committed cold-start run" in runtime, row.notebook
+    text = " ".join(readme_text.split())
+    assert f"{rec['total_seconds']:.0f} s in all" in text and rec["cpu"] in text
+
+
+def test_trained_models_reads_the_training_lines():
+    out = nbformat.v4.new_output
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(outputs=[out("stream", text="[bpfl] training bayes-pfl: 80 images, 30 epochs ...\n"
+                                                              "[bpfl] trained in 4 s\n")]),
+        nbformat.v4.new_code_cell(outputs=[out("stream", text="[bpfl] loaded the cached checkpoint x (design-x)\n")]),
+        nbformat.v4.new_markdown_cell("[bpfl] training not-a-model: markdown"),
+        nbformat.v4.new_code_cell(outputs=[out("stream", text="[bpfl] training design-aprilgan+: 80 images\n")])])
+    assert tools.trained_models(nb) == ["bayes-pfl", "design-aprilgan+"]
 
 
 # ----------------------------------------------------------------------------------------------- bpfl.notebook

@@ -69,6 +69,8 @@ from .widgets import LiveLossPlot
 
 MODES = ("fast", "paper")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: how :meth:`NotebookSetup.train_or_load` announces a training run (a model from the cache prints "loaded")
+TRAINING_LINE = "[bpfl] training "
 
 #: What a random-backbone run is, in one sentence, for banners and table captions.
 MECHANICS_NOTE = ("Random-weight backbone: these numbers show the pipeline's mechanics, not what Bayes-PFL "
@@ -376,7 +378,7 @@ class NotebookSetup:
             return extra
 
         show = (not self.fast) if progress is None else progress
-        print(f"[bpfl] training {name}: {len(ds)} images, {cfg.epochs} epochs, batch {cfg.batch_size} ...", flush=True)
+        print(f"{TRAINING_LINE}{name}: {len(ds)} images, {cfg.epochs} epochs, batch {cfg.batch_size} ...", flush=True)
         try:
             res = train(model, ds, folder, epochs=cfg.epochs, progress=show, epoch_callback=callback)
         finally:

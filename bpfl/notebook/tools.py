@@ -13,6 +13,7 @@ notebook with nbclient in a given environment (the tests and the HTML rendering 
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from typing import Iterable, Sequence
 
 import nbformat
 
-from .session import REPO_ROOT
+from .session import REPO_ROOT, TRAINING_LINE
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
@@ -163,12 +164,25 @@ def execute_notebook(nb, cwd: str | Path = NOTEBOOK_DIR, timeout: int = 900, env
     return time.perf_counter() - t0
 
 
+def trained_models(nb) -> list[str]:
+    """The models an executed notebook trained (not loaded from the cache): the names its
+    ``[bpfl] training NAME: ...`` lines print (:meth:`bpfl.notebook.NotebookSetup.train_or_load`)."""
+    found = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            for line in str(out.get("text", "")).splitlines():
+                if line.startswith(TRAINING_LINE):
+                    found.append(line[len(TRAINING_LINE):].split(":", 1)[0].strip())
+    return found
+
+
 def render_html(out_dir: str | Path, folder: str | Path = NOTEBOOK_DIR, names: Sequence[str] | None = None,
                 mode: str = "fast", timeout: int = 900, student: bool = False) -> list[Path]:
     """Execute the notebooks (``mode``: fast by default) and write each as a self-contained HTML page (figures
     embedded) into ``out_dir``, with every figure and table the notebooks save (PNG, PDF, CSV, MD; the widgets'
-    figures among them) under ``out_dir/results/``, and an ``index.html`` linking the pages. ``student=True``
-    renders the student copies (solutions left out)."""
+    figures among them) under ``out_dir/results/``, an ``index.html`` linking the pages, and ``timings.csv``
+    (each notebook's execution time, in order, and the models it trained rather than loaded from the cache).
+    ``student=True`` renders the student copies (solutions left out)."""
     from nbconvert import HTMLExporter
 
     out_dir = Path(out_dir).resolve()
@@ -177,7 +191,7 @@ def render_html(out_dir: str | Path, folder: str | Path = NOTEBOOK_DIR, names: S
            "JUPYTER_PATH": str(kernel_spec_dir(out_dir / ".jupyter")) + os.pathsep + os.environ.get("JUPYTER_PATH", ""),
            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     exporter = HTMLExporter()
-    pages = []
+    pages, timings = [], []
     for path in notebook_paths(folder, names):
         nb = nbformat.read(path, as_version=4)
         if student:
@@ -187,7 +201,13 @@ def render_html(out_dir: str | Path, folder: str | Path = NOTEBOOK_DIR, names: S
         page = out_dir / f"{path.stem}.html"
         page.write_text(body, encoding="utf-8")
         pages.append(page)
+        timings.append({"notebook": path.stem, "seconds": round(seconds, 1),
+                        "trained": " ".join(trained_models(nb))})
         print(f"[bpfl] {path.name}: executed in {seconds:.0f} s -> {page}", flush=True)
+    with open(out_dir / "timings.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["notebook", "seconds", "trained"])
+        writer.writeheader()
+        writer.writerows(timings)
     links = "\n".join(f'<li><a href="{p.name}">{p.stem}</a></li>' for p in pages)
     (out_dir / "index.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>bpfl notebooks</title>"

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import default_layers, load_backbone
 from ..bundled_weights import BUNDLED_FILE, BUNDLED_TAG, initial_token_table, write_bundle
+from ..console import cpu_model
 from ..data.images import CLIP_MEAN, CLIP_STD
 from .generator import (
     DEFAULT_HELD_OUT,
@@ -762,17 +763,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def bundle_toy_clip(checkpoint: str | Path, out: str | Path = BUNDLED_FILE) -> dict:
     """Pack a finished toy-CLIP checkpoint (and its ``.json`` record) into the bundled safetensors file and its
     manifest (:func:`bpfl.bundled_weights.write_bundle`): provenance = recipe, seed, held-out families and words,
@@ -789,7 +779,7 @@ def bundle_toy_clip(checkpoint: str | Path, out: str | Path = BUNDLED_FILE) -> d
         "held_out_families": settings["held_out_families"], "held_out_words": meta.get("held_out_words"),
         "families": meta.get("families"), "use_image_size": meta.get("use_image_size"), "layers": meta.get("layers"),
         "built_with": {"torch": meta.get("torch"), "numpy": np.__version__, "open_clip": open_clip.__version__,
-                       "machine": meta.get("machine"), "cpu": _cpu_model(), "threads": meta.get("threads"),
+                       "machine": meta.get("machine"), "cpu": cpu_model(), "threads": meta.get("threads"),
                        "bundled_on": time.strftime("%Y-%m-%d"),
                        "seconds": meta.get("seconds"), "peak_rss_mb": meta.get("peak_rss_mb"),
                        "peak_rss_mb_worker": meta.get("peak_rss_mb_worker")},
