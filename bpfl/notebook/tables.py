@@ -1026,13 +1026,13 @@ FIG4_COLOURS = {"Bayes-PFL": "C3", "APRIL-GAN+": "C0", "AnomalyCLIP+": "C2", TRA
 
 def figure4_figure(curves: pd.DataFrame, endpoints: pd.DataFrame, target: str, title: str = "",
                    metric: str = "pixel_ap"):
-    """Figure 4: per design, the mean curve over the runs with a ± std band; the live models' last-epoch value as a
-    marker; the training-free design as a horizontal line."""
+    """Figure 4: per design, the mean curve over the runs with a ± std band; the live models' last-epoch values as
+    markers side by side right of the last epoch; the training-free design as a horizontal line."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     last = int(curves.epoch.max()) if len(curves) else 1
-    for (label, g), marker in zip(curves.groupby("row", sort=False), "osd^"):
+    for i, ((label, g), marker) in enumerate(zip(curves.groupby("row", sort=False), "osd^")):
         agg = g.groupby("epoch")[metric].agg(["mean", "std", "count"])
         c = FIG4_COLOURS.get(label)
         ax.plot(agg.index, 100 * agg["mean"], marker=marker, ms=3, color=c,
@@ -1041,8 +1041,9 @@ def figure4_figure(curves: pd.DataFrame, endpoints: pd.DataFrame, target: str, t
             ax.fill_between(agg.index, 100 * (agg["mean"] - agg["std"]), 100 * (agg["mean"] + agg["std"]),
                             color=c, alpha=0.18)
         if label in endpoints.index:
-            ax.plot([last + 0.6], [100 * endpoints.at[label, metric]], marker=marker, ms=9, color=c, mec="k",
-                    ls="none")
+            # side by side right of the last epoch, so that equal values do not hide one another
+            ax.plot([last + 0.7 + 0.6 * i], [100 * endpoints.at[label, metric]], marker=marker, ms=8, color=c,
+                    mec="k", ls="none")
     if TRAINING_FREE_ROW in endpoints.index:
         ax.axhline(100 * endpoints.at[TRAINING_FREE_ROW, metric], color=FIG4_COLOURS[TRAINING_FREE_ROW], ls="--",
                    lw=1, label="WinCLIP-style, training-free (no epochs)")
