@@ -203,11 +203,11 @@ def render_html(out_dir: str | Path, folder: str | Path = NOTEBOOK_DIR, names: S
         pages.append(page)
         timings.append({"notebook": path.stem, "seconds": round(seconds, 1),
                         "trained": " ".join(trained_models(nb))})
+        with open(out_dir / "timings.csv", "w", newline="", encoding="utf-8") as f:  # after each: kept if stopped
+            writer = csv.DictWriter(f, fieldnames=["notebook", "seconds", "trained"])
+            writer.writeheader()
+            writer.writerows(timings)
         print(f"[bpfl] {path.name}: executed in {seconds:.0f} s -> {page}", flush=True)
-    with open(out_dir / "timings.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["notebook", "seconds", "trained"])
-        writer.writeheader()
-        writer.writerows(timings)
     links = "\n".join(f'<li><a href="{p.name}">{p.stem}</a></li>' for p in pages)
     (out_dir / "index.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>bpfl notebooks</title>"
