@@ -30,6 +30,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests, the previous count restored afterwards (on a shared 2-core
+    machine two threads per process oversubscribe and run ~5x slower). Use: ``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    """The random ``bpfl-tiny`` backbone at 112 px (an 8 x 8 patch grid), layers 1-4, seeded 0: one per module."""
+    from bpfl.backbone import load_backbone
+    torch.manual_seed(0)
+    return load_backbone("bpfl-tiny", None, image_size=112, layers=(1, 2, 3, 4), device="cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from bpfl.backbone import load_backbone

@@ -20,12 +20,7 @@ from bpfl.reference import export_reference_state_dict, map_reference_state_dict
 SIZE = 112
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def documented_layout(C=768, V=1024, H=512, K=10, B=3, P=5, Q=5, L=4) -> dict[str, tuple]:
@@ -79,13 +74,6 @@ def synthetic_released(seed=0, **dims) -> dict[str, torch.Tensor]:
 
 
 TINY = dict(C=64, V=128, H=64)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    from bpfl.backbone import load_backbone
-    torch.manual_seed(0)
-    return load_backbone("bpfl-tiny", None, image_size=SIZE, layers=(1, 2, 3, 4), device="cpu")
 
 
 @pytest.fixture(scope="module")

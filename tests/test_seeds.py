@@ -18,19 +18,7 @@ from bpfl.train import load_model, read_checkpoint
 SIZE = 112
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    from bpfl.backbone import load_backbone
-    torch.manual_seed(0)
-    return load_backbone("bpfl-tiny", None, image_size=SIZE, layers=(1, 2, 3, 4), device="cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
